@@ -1,0 +1,20 @@
+"""implicit_hyper: hyperparameter optimisation by implicit differentiation in JAX."""
+
+from implicit_hyper._src.hypergrad import hypergrad as hypergrad
+from implicit_hyper._src.hypergrad import hypergrad_and_adjoint as hypergrad_and_adjoint
+from implicit_hyper._src.implicit import HypergradientWarning as HypergradientWarning
+from implicit_hyper._src.implicit import implicit_argmin as implicit_argmin
+from implicit_hyper._src.implicit import implicit_root as implicit_root
+from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
+from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
+from implicit_hyper._src.solvers._base import LinearSolver as LinearSolver
+from implicit_hyper._src.solvers._base import SolveInfo as SolveInfo
+from implicit_hyper._src.solvers.bicgstab import BiCGStab as BiCGStab
+from implicit_hyper._src.solvers.cg import CG as CG
+from implicit_hyper._src.solvers.direct import Direct as Direct
+from implicit_hyper._src.solvers.identity import Identity as Identity
+from implicit_hyper._src.solvers.neumann import Neumann as Neumann
+from implicit_hyper._src.solvers.normal_cg import NormalCG as NormalCG
+from implicit_hyper._src.spectral import max_eigenvalue as max_eigenvalue
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Linear solvers, one per file; each returns ``(x, SolveInfo)``."""

@@ -1,0 +1,36 @@
+"""Exact solve by materialising the operator: for small problems and tests."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from implicit_hyper._src.solvers import _base
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Direct(_base.LinearSolver):
+  """Builds the dense matrix of A with n products (`jax.jacfwd`) and solves by LU.
+
+  Costs O(n) products, O(n^2) memory and O(n^3) time for n unknowns: use it as the
+  exact reference on problems with up to a few thousand parameters. Works for any
+  invertible A, symmetric or not.
+
+  Args:
+    ridge: solve ``(A + ridge I) x = b`` instead.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x, _ = Direct().solve(lambda v: jnp.array([[2.0, 1.0], [0.0, 1.0]]) @ v,
+    ...                       jnp.array([3.0, 1.0]))
+    >>> x.tolist()
+    [1.0, 1.0]
+  """
+
+  def _solve(self, matvec, b, init):
+    del init
+    flat_b, unravel = ravel_pytree(b)
+    matrix = jax.jacfwd(lambda v: ravel_pytree(matvec(unravel(v)))[0])(flat_b)
+    x = unravel(jnp.linalg.solve(matrix, flat_b))
+    return x, _base.make_info(x, _base.residual(matvec, x, b), b, flat_b.size)

@@ -1,0 +1,48 @@
+"""Conjugate gradient on the normal equations, for non-symmetric operators."""
+
+import dataclasses
+
+import jax
+
+from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import cg
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NormalCG(_base.LinearSolver):
+  """Solves ``A x = b`` for any invertible A by CG on ``A^T A x = A^T b``.
+
+  The transpose product comes from `jax.linear_transpose` of `matvec`, so no extra
+  code is needed from the caller; each step costs one product with A and one with
+  ``A^T``. Converges for any invertible A, but at the square of A's condition number.
+
+  Args:
+    steps: the most CG iterations to run.
+    tol: stop once the normal-equation residual is below ``tol`` relative.
+    ridge: solve ``(A + ridge I) x = b`` instead.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> a = jnp.array([[2.0, 1.0], [0.0, 1.0]])
+    >>> x, _ = NormalCG(steps=2).solve(lambda v: a @ v, jnp.array([3.0, 1.0]))
+    >>> x.round(6).tolist()
+    [1.0, 1.0]
+  """
+
+  steps: int = 20
+  tol: float = 1e-10
+
+  def __post_init__(self):
+    super().__post_init__()
+    cg.check_iteration_settings("NormalCG", self.steps, self.tol)
+
+  def _solve(self, matvec, b, init):
+    rmatvec = jax.linear_transpose(matvec, b)
+
+    def normal_matvec(v):
+      (out,) = rmatvec(matvec(v))
+      return out
+
+    (rhs,) = rmatvec(b)
+    x, info = cg.conjugate_gradient(normal_matvec, rhs, init, steps=self.steps, tol=self.tol)
+    return x, _base.make_info(x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged)

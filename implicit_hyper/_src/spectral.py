@@ -1,0 +1,46 @@
+"""Power iteration: the largest eigenvalue of a symmetric operator, for the Neumann step size."""
+
+import jax
+import jax.numpy as jnp
+import optax.tree_utils as otu
+
+
+def max_eigenvalue(matvec, like, *, num_iters: int = 20, key=None) -> jax.Array:
+  """Estimates the largest-magnitude eigenvalue of a symmetric linear operator.
+
+  Runs `num_iters` steps of power iteration, ``v <- A v / ||A v||``, from a random
+  start shaped like `like`, and returns the magnitude of the Rayleigh quotient
+  ``|v^T A v|``. Costs ``num_iters + 1`` calls of `matvec`. The estimate approaches
+  ``|lambda|_max`` from below, at a rate set by the gap to the second eigenvalue.
+
+  Args:
+    matvec: ``v -> A v`` on pytrees shaped like `like`.
+    like: a pytree giving the shapes and dtypes of `v`.
+    num_iters: power-iteration steps.
+    key: PRNG key for the start vector; a fixed key when None, so the estimate is
+      deterministic.
+
+  Returns:
+    A non-negative scalar.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> float(max_eigenvalue(lambda v: jnp.array([3.0, 1.0]) * v, jnp.zeros(2), num_iters=50))
+    3.0
+  """
+  if not isinstance(num_iters, int) or num_iters < 0:
+    raise ValueError(f"`max_eigenvalue(num_iters=...)` must be an int >= 0, got {num_iters!r}.")
+  key = jax.random.PRNGKey(0) if key is None else key
+  v = otu.tree_random_like(key, like)
+  v = otu.tree_scale(1.0 / otu.tree_norm(v), v)
+
+  def step(_, v):
+    w = matvec(v)
+    return otu.tree_scale(1.0 / _safe(otu.tree_norm(w)), w)
+
+  v = jax.lax.fori_loop(0, num_iters, step, v)
+  return jnp.abs(otu.tree_vdot(v, matvec(v)))
+
+
+def _safe(norm):
+  return jnp.where(norm > 0, norm, 1.0)
