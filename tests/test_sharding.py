@@ -1,0 +1,153 @@
+"""Hypergradients under `jax.jit` with arrays sharded over a mesh of 8 CPU devices.
+
+The root conftest gives this process 8 host devices. Sharding changes where the
+computation runs, never what it computes, so every sharded result must equal the
+single-device one to float64 round-off.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import implicit_hyper as ih
+
+NUM_DEVICES = 8
+ROWS, FEATURES, CLASSES = 64, 6, 8
+
+
+def cross_entropy(weights, x, labels):
+  logits = x @ weights
+  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - true_logit)
+
+
+def train_loss(weights, log_decay, x, labels):
+  """Cross-entropy plus one weight decay per weight, ``exp(log_decay)``."""
+  return cross_entropy(weights, x, labels) + 0.5 * jnp.sum(jnp.exp(log_decay) * weights**2)
+
+
+def val_loss(weights, log_decay, x, labels):
+  del log_decay
+  return cross_entropy(weights, x, labels)
+
+
+def make_problem(seed=0):
+  """Weights, log decays, and a training and a validation batch (float64 numpy)."""
+  rng = np.random.default_rng(seed)
+  weights = 0.1 * rng.normal(size=(FEATURES, CLASSES))
+  log_decay = rng.normal(size=(FEATURES, CLASSES)) - 2.0
+  train = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
+  val = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
+  return weights, log_decay, train, val
+
+
+def mesh(shape, names):
+  return jax.make_mesh(shape, names, axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
+
+
+@jax.jit
+def neumann_hypergrad(weights, log_decay, train, val):
+  return ih.hypergrad_and_adjoint(
+    val_loss,
+    train_loss,
+    weights,
+    log_decay,
+    inner_args=train,
+    outer_args=val,
+    solver=ih.Neumann(steps=10),
+  )
+
+
+@jax.jit
+def cg_hypergrad(weights, log_decay, train, val):
+  return ih.hypergrad_and_adjoint(
+    val_loss, train_loss, weights, log_decay, inner_args=train, outer_args=val, solver=ih.CG()
+  )
+
+
+@ih.implicit_argmin(train_loss, solver=ih.CG(steps=48))
+def train(init_weights, log_decay, x, labels):
+  """Gradient descent to the (strongly convex) training optimum."""
+
+  def step(_, weights):
+    return weights - 0.5 * jax.grad(train_loss)(weights, log_decay, x, labels)
+
+  return jax.lax.fori_loop(0, 300, step, init_weights)
+
+
+@jax.jit
+def validation_gradient(init_weights, log_decay, train_batch, val_batch):
+  def objective(log_decay):
+    return val_loss(train(init_weights, log_decay, *train_batch), log_decay, *val_batch)
+
+  return jax.value_and_grad(objective)(log_decay)
+
+
+def assert_same(sharded, single):
+  """Equal up to float64 round-off, which a different summation order changes."""
+  for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
+    a, b = np.asarray(a), np.asarray(b)
+    np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-9 * np.max(np.abs(b)))
+
+
+def test_neumann_hypergrad_with_batches_sharded_over_8_devices_equals_single_device():
+  weights, log_decay, train_batch, val_batch = make_problem()
+  data_mesh = mesh((NUM_DEVICES,), ("batch",))
+  by_rows = NamedSharding(data_mesh, P("batch"))
+  replicated = NamedSharding(data_mesh, P())
+
+  single = neumann_hypergrad(weights, log_decay, train_batch, val_batch)
+  sharded = neumann_hypergrad(
+    jax.device_put(weights, replicated),
+    jax.device_put(log_decay, replicated),
+    jax.device_put(train_batch, by_rows),
+    jax.device_put(val_batch, by_rows),
+  )
+
+  assert_same(sharded, single)
+  grads = sharded[0]
+  assert grads.sharding.is_fully_replicated
+  assert len(grads.sharding.device_set) == NUM_DEVICES
+  assert not bool(sharded[1].diverged)
+
+
+def test_implicit_argmin_gradient_with_batches_sharded_over_8_devices_equals_single_device():
+  _, log_decay, train_batch, val_batch = make_problem()
+  init = np.zeros((FEATURES, CLASSES))
+  data_mesh = mesh((NUM_DEVICES,), ("batch",))
+  by_rows = NamedSharding(data_mesh, P("batch"))
+  replicated = NamedSharding(data_mesh, P())
+
+  single = validation_gradient(init, log_decay, train_batch, val_batch)
+  sharded = validation_gradient(
+    jax.device_put(init, replicated),
+    jax.device_put(log_decay, replicated),
+    jax.device_put(train_batch, by_rows),
+    jax.device_put(val_batch, by_rows),
+  )
+
+  assert_same(sharded, single)
+  assert sharded[1].sharding.is_fully_replicated
+  assert float(jnp.linalg.norm(single[1])) > 1e-3  # a non-trivial gradient was compared
+
+
+def test_per_weight_decay_cg_hypergrad_keeps_weights_sharded_over_model_axis():
+  weights, log_decay, train_batch, val_batch = make_problem()
+  grid = mesh((2, 4), ("data", "model"))
+  by_column = NamedSharding(grid, P(None, "model"))  # each device holds CLASSES / 4 columns
+  by_rows = NamedSharding(grid, P("data"))
+
+  single = cg_hypergrad(weights, log_decay, train_batch, val_batch)
+  grads, info, adjoint = cg_hypergrad(
+    jax.device_put(weights, by_column),
+    jax.device_put(log_decay, by_column),
+    jax.device_put(train_batch, by_rows),
+    jax.device_put(val_batch, by_rows),
+  )
+
+  assert_same((grads, info, adjoint), single)
+  assert grads.sharding.is_equivalent_to(by_column, grads.ndim)
+  assert adjoint.sharding.is_equivalent_to(by_column, adjoint.ndim)
+  assert {shard.data.shape for shard in grads.addressable_shards} == {(FEATURES, CLASSES // 4)}
