@@ -1,0 +1,92 @@
+"""One process of a multi-process hypergradient, launched twice by tests/test_multihost.py.
+
+Usage: python tests/multihost_worker.py PROCESS_ID NUM_PROCESSES COORDINATOR_ADDRESS OUT_JSON
+
+Each process owns the CPU devices that XLA_FLAGS gives it and loads only its own rows
+of the training and validation sets; a global mesh over the devices of all processes
+shards the batches, and `jax.jit` runs one program across the processes, which talk
+through gloo. The process writes the hypergradient it sees to OUT_JSON.
+"""
+
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import implicit_hyper as ih
+
+ROWS, FEATURES, CLASSES = 32, 5, 3
+
+
+def train_loss(weights, log_decay, x, labels):
+  """Cross-entropy plus one weight decay per weight, ``exp(log_decay)``."""
+  return val_loss(weights, log_decay, x, labels) + 0.5 * jnp.sum(jnp.exp(log_decay) * weights**2)
+
+
+def val_loss(weights, log_decay, x, labels):
+  del log_decay
+  logits = x @ weights
+  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - true_logit)
+
+
+@jax.jit
+def hypergrad(weights, log_decay, train, val):
+  return ih.hypergrad(
+    val_loss, train_loss, weights, log_decay, inner_args=train, outer_args=val, solver=ih.CG()
+  )
+
+
+def make_problem(seed=0):
+  """Weights, log decays, and the full training and validation sets (float64 numpy)."""
+  rng = np.random.default_rng(seed)
+  weights = 0.1 * rng.normal(size=(FEATURES, CLASSES))
+  log_decay = rng.normal(size=(FEATURES, CLASSES)) - 2.0
+  train = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
+  val = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
+  return weights, log_decay, train, val
+
+
+def main(process_id, num_processes, coordinator_address, out_path):
+  jax.config.update("jax_enable_x64", True)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(
+    coordinator_address=coordinator_address,
+    num_processes=num_processes,
+    process_id=process_id,
+  )
+  mesh = jax.make_mesh((jax.device_count(),), ("batch",), axis_types=(jax.sharding.AxisType.Auto,))
+  by_rows = NamedSharding(mesh, P("batch"))
+  replicated = NamedSharding(mesh, P())
+
+  weights, log_decay, train, val = make_problem()
+  rows = slice(process_id * ROWS // num_processes, (process_id + 1) * ROWS // num_processes)
+
+  def global_batch(batch):  # assembled from every process's own rows
+    return jax.tree.map(
+      lambda a: jax.make_array_from_process_local_data(by_rows, a[rows], a.shape), batch
+    )
+
+  grads = hypergrad(
+    jax.device_put(weights, replicated),
+    jax.device_put(log_decay, replicated),
+    global_batch(train),
+    global_batch(val),
+  )
+  result = {
+    "process_index": jax.process_index(),
+    "global_devices": jax.device_count(),
+    "local_devices": jax.local_device_count(),
+    "hypergrad": np.asarray(grads.addressable_data(0)).tolist(),
+  }
+  with open(out_path, "w") as f:
+    json.dump(result, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])
