@@ -1,0 +1,144 @@
+"""Unrolled differentiation: reverse mode through the last inner optimiser steps.
+
+The implicit function theorem only covers hyperparameters that enter the training loss.
+Hyperparameters of the optimiser itself (a learning rate, a momentum) act through the
+training trajectory, so their hypergradient comes from differentiating that trajectory:
+truncated back-propagation through the last T steps (Lorraine et al. 2020, Section 2;
+Shaban et al. 2019), each step rematerialised with `jax.checkpoint`.
+"""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def inner_updates(inner_loss, optimizer, params, opt_state, hparams, batches, *, remat=False):
+  """Runs one optimiser step per leading-axis slice of `batches`, in a `jax.lax.scan`.
+
+  Each step is ``params <- params + optimizer.update(grad inner_loss(params, hparams,
+  batch))``. With ``remat=True`` each step is wrapped in `jax.checkpoint`, so reverse mode
+  stores only the carry of every step and recomputes the rest.
+
+  Returns:
+    ``(params, opt_state, losses)``; `losses` holds the training loss before each step.
+  """
+
+  def one_step(carry, batch):
+    params, opt_state = carry
+    loss, grads = jax.value_and_grad(inner_loss)(params, hparams, batch)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    return (optax.apply_updates(params, updates), opt_state), loss
+
+  if remat:
+    one_step = jax.checkpoint(one_step, prevent_cse=False)
+  (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state), batches)
+  return params, opt_state, losses
+
+
+def check_optimizer_hparams(call: str, opt_state, names) -> None:
+  """Raises unless `opt_state` is an `optax.inject_hyperparams` state with numeric `names`."""
+  hyperparams = getattr(opt_state, "hyperparams", None)
+  if not isinstance(hyperparams, dict):
+    raise ValueError(
+      f"`{call}`: tuning optimiser hyperparameters {sorted(names)} needs an inner optimiser "
+      "built with `optax.inject_hyperparams`, e.g. "
+      "`optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)`, at the top level; its "
+      f"state is a {type(opt_state).__name__}."
+    )
+  scheduled = getattr(opt_state, "hyperparams_states", {})
+  for name in names:
+    if name not in hyperparams or name in scheduled:
+      raise ValueError(
+        f"`{call}`: {name!r} is not a numeric hyperparameter of the inner optimiser; it has "
+        f"{sorted(k for k in hyperparams if k not in scheduled)} (schedules cannot be tuned)."
+      )
+
+
+def with_optimizer_hparams(opt_state, values):
+  """Writes `values` (a dict) into an `optax.inject_hyperparams` state, keeping dtypes."""
+  hyperparams = dict(opt_state.hyperparams)
+  for name, value in values.items():
+    hyperparams[name] = jnp.asarray(value).astype(jnp.result_type(hyperparams[name]))
+  return opt_state._replace(hyperparams=hyperparams)
+
+
+def unrolled_outer_loss(outer_loss, inner_loss, optimizer, params, opt_state, batches, outer_batch):
+  """The truncated unrolled objective as a function of the hyperparameters.
+
+  Returns ``f(hparams, opt_hparams) -> (outer_loss(params_T, hparams, outer_batch), aux)``
+  where ``params_T`` follows T = ``len(batches)`` rematerialised optimiser steps from
+  `params` (held constant, the truncation), `opt_hparams` (a dict, possibly empty) is
+  written into `opt_state` first, and ``aux = (params_T, opt_state_T, losses)``.
+  """
+
+  def objective(hparams, opt_hparams):
+    state = with_optimizer_hparams(opt_state, opt_hparams) if opt_hparams else opt_state
+    params_t, state_t, losses = inner_updates(
+      inner_loss, optimizer, params, state, hparams, batches, remat=True
+    )
+    return outer_loss(params_t, hparams, outer_batch), (params_t, state_t, losses)
+
+  return objective
+
+
+def unrolled_hypergrad(
+  outer_loss,
+  inner_loss,
+  inner_optimizer,
+  params,
+  hparams,
+  *,
+  inner_batches,
+  outer_batch,
+  opt_state=None,
+  opt_hparams=None,
+):
+  r"""The hypergradient by reverse mode through T inner optimiser steps.
+
+  With :math:`\theta_{t+1} = \theta_t + u(\nabla_\theta L_T(\theta_t, \lambda; x_t),
+  s_t; \eta)` for the optimiser update u with hyperparameters :math:`\eta`,
+
+  .. math::
+    \frac{d}{d(\lambda, \eta)} L_V(\theta_T(\lambda, \eta), \lambda),
+
+  computed by `jax.grad` through a `jax.lax.scan` whose steps are `jax.checkpoint`-ed:
+  memory grows with T only by one parameter vector per step. :math:`\theta_0` and the
+  optimiser state are constants (truncated back-propagation).
+
+  Args:
+    outer_loss: ``outer_loss(params, hparams, outer_batch)`` -> scalar (validation).
+    inner_loss: ``inner_loss(params, hparams, batch)`` -> scalar (training).
+    inner_optimizer: an `optax.GradientTransformation`; to differentiate its own
+      hyperparameters, build it with `optax.inject_hyperparams`.
+    params: the starting parameters :math:`\theta_0`.
+    hparams: the loss hyperparameters :math:`\lambda`.
+    inner_batches: a pytree whose leaves have a leading axis of length T, one slice per step.
+    outer_batch: the validation batch.
+    opt_state: the optimiser state at :math:`\theta_0`; ``inner_optimizer.init(params)``
+      when None.
+    opt_hparams: a dict of numeric `inject_hyperparams` hyperparameters :math:`\eta` to
+      differentiate, e.g. ``{"learning_rate": 0.1}``; None for none.
+
+  Returns:
+    ``(d/d hparams, d/d opt_hparams)``; the second is None when `opt_hparams` is None.
+
+  Example:
+    >>> import jax.numpy as jnp, optax
+    >>> import implicit_hyper as ih
+    >>> inner = lambda w, lam, x: 0.5 * jnp.sum((w - x) ** 2)
+    >>> outer = lambda w, lam, x: 0.5 * jnp.sum(w ** 2)
+    >>> sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
+    >>> _, d_lr = ih.unrolled_hypergrad(outer, inner, sgd, jnp.zeros(1), jnp.zeros(()),
+    ...   inner_batches=jnp.ones((1, 1)), outer_batch=None, opt_hparams={"learning_rate": 0.5})
+    >>> float(d_lr["learning_rate"])  # one step: w = lr, outer = lr^2 / 2
+    0.5
+  """
+  call = "unrolled_hypergrad"
+  opt_state = inner_optimizer.init(params) if opt_state is None else opt_state
+  if opt_hparams is not None:
+    check_optimizer_hparams(call, opt_state, opt_hparams)
+  objective = unrolled_outer_loss(
+    outer_loss, inner_loss, inner_optimizer, params, opt_state, inner_batches, outer_batch
+  )
+  grads, _ = jax.grad(objective, argnums=(0, 1), has_aux=True)(hparams, opt_hparams or {})
+  return grads[0], (None if opt_hparams is None else grads[1])
