@@ -1,5 +1,13 @@
 """implicit_hyper: hyperparameter optimisation by implicit differentiation in JAX."""
 
+from implicit_hyper._src.bilevel import Bilevel as Bilevel
+from implicit_hyper._src.bilevel import BilevelMetrics as BilevelMetrics
+from implicit_hyper._src.bilevel import BilevelState as BilevelState
+from implicit_hyper._src.bilevel import bilevel as bilevel
+from implicit_hyper._src.fit import bilevel_batches as bilevel_batches
+from implicit_hyper._src.fit import fit as fit
+from implicit_hyper._src.fit import latest_checkpoint as latest_checkpoint
+from implicit_hyper._src.fit import load_checkpoint as load_checkpoint
 from implicit_hyper._src.hypergrad import hypergrad as hypergrad
 from implicit_hyper._src.hypergrad import hypergrad_and_adjoint as hypergrad_and_adjoint
 from implicit_hyper._src.implicit import HypergradientWarning as HypergradientWarning
@@ -16,5 +24,6 @@ from implicit_hyper._src.solvers.identity import Identity as Identity
 from implicit_hyper._src.solvers.neumann import Neumann as Neumann
 from implicit_hyper._src.solvers.normal_cg import NormalCG as NormalCG
 from implicit_hyper._src.spectral import max_eigenvalue as max_eigenvalue
+from implicit_hyper._src.unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 __version__ = "0.1.0"
