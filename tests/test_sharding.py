@@ -8,6 +8,7 @@ single-device one to float64 round-off.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -15,6 +16,7 @@ import implicit_hyper as ih
 
 NUM_DEVICES = 8
 ROWS, FEATURES, CLASSES = 64, 6, 8
+INNER_STEPS = 3
 
 
 def cross_entropy(weights, x, labels):
@@ -85,6 +87,24 @@ def validation_gradient(init_weights, log_decay, train_batch, val_batch):
   return jax.value_and_grad(objective)(log_decay)
 
 
+def bilevel_loop():
+  def train_on_batch(weights, decay, batch):
+    return cross_entropy(weights, *batch) + 0.5 * jnp.sum(decay * weights**2)
+
+  def val_on_batch(weights, decay, batch):
+    return cross_entropy(weights, *batch)
+
+  return ih.bilevel(
+    train_on_batch,
+    val_on_batch,
+    optax.sgd(0.5),
+    optax.adam(0.05),
+    inner_steps=INNER_STEPS,
+    solver=ih.Neumann(steps=10),
+    hparam_transform="exp",
+  )
+
+
 def assert_same(sharded, single):
   """Equal up to float64 round-off, which a different summation order changes."""
   for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single), strict=True):
@@ -151,3 +171,32 @@ def test_per_weight_decay_cg_hypergrad_keeps_weights_sharded_over_model_axis():
   assert grads.sharding.is_equivalent_to(by_column, grads.ndim)
   assert adjoint.sharding.is_equivalent_to(by_column, adjoint.ndim)
   assert {shard.data.shape for shard in grads.addressable_shards} == {(FEATURES, CLASSES // 4)}
+
+
+def test_bilevel_steps_with_batches_sharded_over_8_devices_equal_single_device():
+  weights, log_decay, train_batch, val_batch = make_problem()
+  loop = bilevel_loop()
+  step = jax.jit(loop.step)
+  inner_batches = jax.tree.map(lambda a: np.stack([a] * INNER_STEPS), train_batch)
+  data_mesh = mesh((NUM_DEVICES,), ("batch",))
+  replicated = NamedSharding(data_mesh, P())
+
+  def run(state, inner_batches, val_batch):
+    history = []
+    for _ in range(2):
+      state, metrics = step(state, inner_batches, val_batch)
+      history.append(metrics)
+    return state, history
+
+  single = run(loop.init(weights, log_decay), inner_batches, val_batch)
+  sharded = run(
+    jax.device_put(loop.init(weights, log_decay), replicated),
+    jax.device_put(inner_batches, NamedSharding(data_mesh, P(None, "batch"))),
+    jax.device_put(val_batch, NamedSharding(data_mesh, P("batch"))),
+  )
+
+  assert_same(sharded, single)
+  state, history = sharded
+  assert state.hparams.sharding.is_fully_replicated
+  assert not any(bool(metrics.skipped) for metrics in history)
+  assert np.max(np.abs(state.hparams - log_decay)) > 1e-3  # the hyperparameters moved
