@@ -1,24 +1,36 @@
 """Shared helpers for the example scripts.
 
 The top section holds data loading, splitting and batching (numpy only) and the
-command-line arguments every example shares. Models and plotting helpers go below it.
+command-line arguments every example shares. Below them: small flax models, plotting,
+and reporting (metrics.json, the summary table, the progress bar).
 """
 
 import argparse
 import gzip
 import itertools
+import json
 import math
+import numbers
 import pickle
 import sys
 import zlib
+from collections.abc import Callable
+from collections.abc import Iterable
 from collections.abc import Iterator
+from collections.abc import Mapping
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import flax.linen as nn
+import matplotlib
 import numpy as np
 from sklearn.datasets import load_diabetes
 from sklearn.datasets import load_digits
+from tqdm.auto import tqdm
+
+matplotlib.use("Agg")  # The examples write PNG files; they never open a window.
+import matplotlib.pyplot as plt  # noqa: E402
 
 # =====================================================================================
 # Data
@@ -406,3 +418,137 @@ def common_args(
   )
   parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
   return add_data_args(parser, default=default_dataset, choices=datasets)
+
+
+# =====================================================================================
+# Models
+# =====================================================================================
+
+
+class MLP(nn.Module):
+  """A fully connected network on flattened inputs.
+
+  Each width in `hidden` adds a Dense layer followed by `activation`; a linear Dense
+  layer with `outputs` units comes last. With ``hidden=()`` it is a linear model
+  (multinomial logistic regression when its outputs are read as logits).
+
+  Attributes:
+    hidden: widths of the hidden layers.
+    outputs: number of outputs.
+    activation: the nonlinearity after each hidden layer.
+
+  Inputs carry a leading batch axis: (N, ...) -> (N, outputs).
+  """
+
+  hidden: Sequence[int]
+  outputs: int
+  activation: Callable = nn.relu
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    for width in self.hidden:
+      x = self.activation(nn.Dense(width)(x))
+    return nn.Dense(self.outputs)(x)
+
+
+# =====================================================================================
+# Plotting
+# =====================================================================================
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 100) -> Path:
+  """Save `fig` as a PNG at `path` (creating its folder), close it, and return the path."""
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
+def image_grid(
+  images,
+  path: str | Path,
+  *,
+  titles: Sequence[str] | None = None,
+  ncols: int = 10,
+  suptitle: str | None = None,
+  scale: float = 1.2,
+) -> Path:
+  """Save a grid of images (N x H x W x C, C in {1, 3}) as a PNG at `path`.
+
+  Each image is shown min-max scaled to its own range, so images whose pixels left
+  [0, 1] (learned ones) stay readable.
+  """
+  images = np.asarray(images, dtype=np.float64)
+  nrows = max(1, math.ceil(len(images) / ncols))
+  fig, axes = plt.subplots(
+    nrows, ncols, figsize=(scale * ncols, scale * nrows + (0.4 if suptitle else 0)), squeeze=False
+  )
+  for i, ax in enumerate(axes.flat):
+    ax.axis("off")
+    if i >= len(images):
+      continue
+    image = images[i]
+    image = (image - image.min()) / max(image.max() - image.min(), 1e-12)
+    ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
+    if titles is not None:
+      ax.set_title(titles[i], fontsize=9)
+  if suptitle:
+    fig.suptitle(suptitle)
+  return save_figure(fig, path)
+
+
+# =====================================================================================
+# Reporting
+# =====================================================================================
+
+
+def _plain(value):
+  """Convert numpy / JAX scalars and arrays inside `value` to JSON-ready Python values."""
+  if isinstance(value, Mapping):
+    return {str(k): _plain(v) for k, v in value.items()}
+  if isinstance(value, str | bool) or value is None:
+    return value
+  if isinstance(value, numbers.Integral):
+    return int(value)
+  if isinstance(value, numbers.Real):
+    return float(value)
+  if isinstance(value, Sequence):
+    return [_plain(v) for v in value]
+  array = np.asarray(value)
+  return _plain(array.item() if array.ndim == 0 else array.tolist())
+
+
+def save_metrics(out: str | Path, metrics: Mapping) -> Path:
+  """Write `metrics` as indented JSON to `out`/metrics.json (creating `out`); return the path."""
+  path = Path(out) / "metrics.json"
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(_plain(metrics), indent=2) + "\n")
+  return path
+
+
+def format_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
+  """Format rows as a plain-text table; floats get 4 significant digits."""
+
+  def cell(value):
+    value = _plain(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, numbers.Integral):
+      return f"{value:.4g}"
+    return str(value)
+
+  table = [[str(h) for h in headers]] + [[cell(v) for v in row] for row in rows]
+  widths = [max(len(row[i]) for row in table) for i in range(len(headers))]
+  lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in table]
+  lines.insert(1, "  ".join("-" * w for w in widths))
+  return "\n".join(line.rstrip() for line in lines)
+
+
+def print_summary(title: str, headers: Sequence[str], rows: Iterable[Sequence]) -> None:
+  """Print `title` and the table of `rows` under `headers` to stdout."""
+  print(f"\n{title}\n{format_table(headers, rows)}", flush=True)
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = ""):
+  """A tqdm progress bar on stderr, refreshed at most once a second."""
+  return tqdm(iterable, total=total, desc=desc, mininterval=1.0, dynamic_ncols=True)
