@@ -1,6 +1,7 @@
 """`fit`: runs a `bilevel` loop over data with a progress bar, a metric history and checkpoints."""
 
 import csv
+import functools
 import json
 import os
 import re
@@ -83,7 +84,7 @@ def fit(
       state, history = load_checkpoint(latest, state)
   start = int(state.step)
   next_batches = _replay(data, start)
-  step_fn = jax.jit(lambda s, i, o: _with_hparams(loop, *loop.step(s, i, o)))
+  step_fn = _compiled_step(loop)
   bar = _progress_bar(progress, start, num_steps)
 
   def save():
@@ -238,8 +239,15 @@ def _replay(data, start):
   return lambda step: next(iterator)
 
 
-def _with_hparams(loop, state, metrics):
-  return state, metrics, loop.constrain(state.hparams)
+@functools.lru_cache(maxsize=8)
+def _compiled_step(loop):
+  """``loop.step`` that also returns the constrained hparams, jitted once per loop."""
+
+  def step(state, inner_batches, outer_batch):
+    state, metrics = loop.step(state, inner_batches, outer_batch)
+    return state, metrics, loop.constrain(state.hparams)
+
+  return jax.jit(step)
 
 
 def _record(step, metrics, hparams):
