@@ -5,6 +5,10 @@ computation runs, never what it computes, so every sharded result must equal the
 single-device one to float64 round-off.
 """
 
+import json
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -200,3 +204,17 @@ def test_bilevel_steps_with_batches_sharded_over_8_devices_equal_single_device()
   assert state.hparams.sharding.is_fully_replicated
   assert not any(bool(metrics.skipped) for metrics in history)
   assert np.max(np.abs(state.hparams - log_decay)) > 1e-3  # the hyperparameters moved
+
+
+def test_data_parallel_example_quick_run_uses_all_8_devices(tmp_path, capsys):
+  sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+  import data_parallel  # noqa: PLC0415
+
+  data_parallel.main(["--quick", "--out", str(tmp_path)])
+
+  metrics = json.loads((tmp_path / "metrics.json").read_text())
+  assert metrics["devices"] == NUM_DEVICES
+  assert f"devices: {NUM_DEVICES}" in capsys.readouterr().out
+  assert metrics["skipped_hyper_steps"] == 0
+  assert np.isfinite(metrics["train_examples_per_second"]) and metrics["seconds"] > 0
+  assert metrics["final_val_loss"] < metrics["initial_val_loss"]
