@@ -145,7 +145,9 @@ def bilevel(
 
   For `ih.Neumann` without `alpha`, ``1 / lambda_max`` is estimated by power iteration
   every `refresh_every` hyper steps and cached in the state; other solvers start from
-  the previous hyper step's adjoint (`warm_start`).
+  the previous hyper step's adjoint (`warm_start`). With minibatches, a cached step can
+  exceed ``2 / lambda_max`` of a later batch's Hessian; such solves report `diverged`
+  and are skipped (lower `refresh_every` or pass ``Neumann(alpha=...)`` if that is common).
 
   Args:
     inner_loss: ``inner_loss(params, hparams, batch)`` -> scalar training loss.

@@ -45,9 +45,9 @@ def fit(
     * a callable ``data(step) -> (inner_batches, outer_batch)`` that returns the same
       batches for the same hyper step (derive randomness from `step`, e.g.
       ``np.random.default_rng([seed, step])``): the recommended form; or
-    * an iterable of ``(inner_batches, outer_batch)`` pairs (see `bilevel_batches`) that
-      yields the same sequence every time it is created (seeded): on resumption its
-      first ``state.step`` items are drawn and discarded.
+    * a fresh iterable of ``(inner_batches, outer_batch)`` pairs (see
+      `bilevel_batches`) that yields the same sequence every time it is created
+      (seeded): on resumption its first ``state.step`` items are drawn and discarded.
   Training stops early when the data run out.
 
   Args:
@@ -67,6 +67,19 @@ def fit(
     ``(state, history)``: the final state and one dict per hyper step holding its index
     ``step``, the `BilevelMetrics` fields and every scalar constrained hyperparameter
     (``hparams`` or ``hparams/<key>``).
+
+  Example:
+    >>> import tempfile, jax.numpy as jnp, optax
+    >>> import implicit_hyper as ih
+    >>> train = lambda w, decay, b: jnp.sum((w - b) ** 2) + decay * jnp.sum(w**2)
+    >>> valid = lambda w, decay, b: jnp.sum((w - 0.5 * b) ** 2)
+    >>> loop = ih.bilevel(train, valid, optax.sgd(0.2), optax.adam(0.1), inner_steps=5)
+    >>> data = lambda step: (jnp.ones((5, 3)), jnp.ones(3))  # (inner_batches, outer_batch)
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   state, history = ih.fit(loop, loop.init(jnp.zeros(3), 0.5), data, num_steps=100,
+    ...                           checkpoint_dir=directory, progress=False)
+    >>> int(state.step), round(history[-1]["hparams"], 2)  # the best decay is 1
+    (100, 1.0)
   """
   for name, value in (
     ("checkpoint_every", checkpoint_every),
@@ -123,6 +136,12 @@ def bilevel_batches(train, valid, *, inner_steps: int):
 
   Each item stacks the next `inner_steps` training batches along a new leading axis
   (`np.stack`) and takes the next validation batch; it ends when either runs out.
+
+  Example:
+    >>> import numpy as np
+    >>> train, valid = (np.full(2, k) for k in range(6)), iter(["v0", "v1", "v2"])
+    >>> [(inner.tolist(), outer) for inner, outer in bilevel_batches(train, valid, inner_steps=3)]
+    [([[0, 0], [1, 1], [2, 2]], 'v0'), ([[3, 3], [4, 4], [5, 5]], 'v1')]
   """
   train, valid = iter(train), iter(valid)
   while True:
