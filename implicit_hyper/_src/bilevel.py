@@ -12,6 +12,7 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src import operators
 from implicit_hyper._src import spectral
+from implicit_hyper._src import transforms
 from implicit_hyper._src import unrolled
 from implicit_hyper._src import validation
 from implicit_hyper._src.hypergrad import hypergrad_and_adjoint
@@ -19,7 +20,6 @@ from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.neumann import Neumann
 
 METHODS = ("implicit", "unrolled")
-TRANSFORMS = {"exp": jnp.exp, "softplus": jax.nn.softplus, "sigmoid": jax.nn.sigmoid}
 
 
 class BilevelState(NamedTuple):
@@ -78,37 +78,6 @@ class Bilevel(NamedTuple):
   init: Callable
   step: Callable
   constrain: Callable
-
-
-def hparam_transformation(spec) -> Callable:
-  """Turns a `hparam_transform` spec into a function from raw to constrained hparams.
-
-  `spec` is None (identity), a name in `TRANSFORMS`, a callable applied to every leaf, or
-  a pytree prefix of the hyperparameters holding those (e.g. ``{"decay": "exp", "p":
-  "sigmoid", "bias": None}``).
-  """
-
-  def leaf_transform(s):
-    if s is None:
-      return lambda x: x
-    if isinstance(s, str):
-      if s not in TRANSFORMS:
-        raise ValueError(
-          f"`bilevel(hparam_transform=...)`: unknown transform {s!r}; use one of "
-          f"{sorted(TRANSFORMS)}, a callable, or None."
-        )
-      return TRANSFORMS[s]
-    if callable(s):
-      return s
-    raise TypeError(f"`bilevel(hparam_transform=...)`: {s!r} is not a name or a callable.")
-
-  def is_spec_leaf(s):
-    return s is None or isinstance(s, str) or callable(s)
-
-  transforms = jax.tree.map(leaf_transform, spec, is_leaf=is_spec_leaf)
-  if callable(transforms):
-    return lambda raw: jax.tree.map(transforms, raw)
-  return lambda raw: jax.tree.map(lambda f, sub: jax.tree.map(f, sub), transforms, raw)
 
 
 def bilevel(
@@ -204,7 +173,7 @@ def bilevel(
   unroll = 0 if implicit and not optimizer_hparams else (unroll_steps or inner_steps)
   cache_alpha = implicit and isinstance(solver, Neumann) and solver.alpha is None
   keep_adjoint = implicit and warm_start and not isinstance(solver, Neumann)
-  constrain = hparam_transformation(hparam_transform)
+  constrain = transforms.hparam_transformation(hparam_transform)
 
   def split(hparams):
     """Constrained hparams -> (what the losses see, the optimiser's hyperparameters)."""
