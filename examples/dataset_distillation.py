@@ -197,7 +197,7 @@ def main(argv=None):
 
   class_means = np.stack([x_train[y_train == c].mean(axis=0) for c in range(10)])
   rng = np.random.default_rng(args.seed)
-  init = rng.normal(0.5, 0.1, size=class_means.shape).astype(np.float32)
+  init = rng.normal(0.5, 0.01, size=class_means.shape).astype(np.float32)
   images, losses = distill(distiller, jnp.asarray(init), x_train, y_train, args)
 
   distilled_acc, distilled_gradient_norm = evaluate(distiller, images, x_test, y_test)
@@ -222,12 +222,12 @@ def main(argv=None):
   out = args.out
   common.save_metrics(out, metrics)
   common.image_grid(
-    images,
+    np.concatenate([np.asarray(images), class_means]),
     out / "distilled_images.png",
-    titles=[str(c) for c in range(10)],
-    suptitle=f"Distilled {args.dataset} images ({args.model}, test acc {distilled_acc:.3f})",
+    titles=[f"distilled {c}" for c in range(10)] + [f"mean {c}" for c in range(10)],
+    suptitle=f"{args.dataset}, {args.model}: distilled images (test acc {distilled_acc:.3f}) "
+    f"above class means ({class_mean_acc:.3f})",
   )
-  common.image_grid(class_means, out / "class_means.png", titles=[str(c) for c in range(10)])
   plot_losses(losses, out / "outer_loss.png")
   common.print_summary(
     f"Dataset distillation on {args.dataset} ({args.model}, {args.steps} outer steps, "
