@@ -75,6 +75,7 @@ def main(argv=None):
   parser = common.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
   parser.add_argument("--per-device-batch", type=int, default=32, help="rows per device")
   parser.add_argument("--hidden", type=int, default=128, help="hidden units")
+  parser.add_argument("--learning-rate", type=float, default=0.3, help="SGD step on the weights")
   parser.add_argument("--hyper-steps", type=int, default=100, help="hyperparameter updates")
   parser.add_argument("--inner-steps", type=int, default=10, help="SGD steps per hyper step")
   parser.add_argument("--neumann-steps", type=int, default=20, help="Neumann series terms")
@@ -102,10 +103,12 @@ def main(argv=None):
   loop = ih.bilevel(
     train_loss,
     val_loss,
-    optax.sgd(0.1, momentum=0.9),
+    optax.sgd(args.learning_rate),
     optax.adam(0.05),
     inner_steps=args.inner_steps,
-    solver=ih.Neumann(steps=args.neumann_steps),
+    # The series step equal to the SGD step: K terms differentiate K SGD steps taken from
+    # the optimum (Lorraine et al., Theorem 1), and need no eigenvalue estimate.
+    solver=ih.Neumann(steps=args.neumann_steps, alpha=args.learning_rate),
     hparam_transform="exp",  # the decays are exp(raw), the optimiser updates raw
   )
 

@@ -104,7 +104,7 @@ def bilevel_loop():
     optax.sgd(0.5),
     optax.adam(0.05),
     inner_steps=INNER_STEPS,
-    solver=ih.Neumann(steps=10),
+    solver=ih.Neumann(steps=10, alpha=0.5),
     hparam_transform="exp",
   )
 
