@@ -1,4 +1,4 @@
-"""examples/quickstart.ipynb executes top to bottom, on the CPU devices of this test run."""
+"""examples/quickstart.ipynb executes top to bottom, on 8 CPU devices, with small sizes."""
 
 from pathlib import Path
 
@@ -14,6 +14,8 @@ def outputs(notebook, kind):
 
 def test_quickstart_notebook_executes_with_small_sizes_on_all_devices(tmp_path, monkeypatch):
   monkeypatch.setenv("IH_QUICK", "1")  # read by the notebook: tiny sizes
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
   monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")  # jupyter_core's paths, without a warning
   notebook = nbformat.read(NOTEBOOK, as_version=4)
   client = NotebookClient(
@@ -25,7 +27,7 @@ def test_quickstart_notebook_executes_with_small_sizes_on_all_devices(tmp_path, 
   text = "".join(
     out.get("text", "") for out in outputs(notebook, lambda out: out.output_type == "stream")
   )
-  assert "backend: CPU, 8 x cpu" in text  # the kernel inherits the 8 host devices
+  assert "backend: CPU, 8 x cpu" in text
   assert "quick run: True" in text
   assert "on 8 device(s)" in text
   assert "HypergradientWarning" not in text
