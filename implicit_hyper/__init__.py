@@ -15,6 +15,7 @@ from implicit_hyper._src.implicit import implicit_argmin as implicit_argmin
 from implicit_hyper._src.implicit import implicit_root as implicit_root
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
+from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient
 from implicit_hyper._src.solvers._base import LinearSolver as LinearSolver
 from implicit_hyper._src.solvers._base import SolveInfo as SolveInfo
 from implicit_hyper._src.solvers.bicgstab import BiCGStab as BiCGStab

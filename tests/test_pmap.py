@@ -3,7 +3,7 @@
 Each of the 8 CPU devices holds one slice of the training and validation batches and
 a copy of the weights and hyperparameters. The Hessian-vector products become global
 through the user's losses: under `jax.shard_map` a `lax.pmean` in the loss is enough;
-under `jax.pmap` the gradient must be averaged as well (`pmean_gradient`).
+under `jax.pmap` the gradient must be averaged as well (`ih.pmean_gradient`).
 """
 
 import functools
@@ -19,17 +19,6 @@ import implicit_hyper as ih
 AXIS = "batch"
 NUM_DEVICES = 8
 ROWS, FEATURES, CLASSES = 64, 6, 4
-
-
-def pmean_gradient(tree, axis_name):
-  """The identity on `tree`, whose gradient is averaged over `axis_name` (under `jax.pmap`)."""
-
-  @jax.custom_vjp
-  def identity(tree):
-    return tree
-
-  identity.defvjp(lambda tree: (tree, None), lambda _, g: (lax.pmean(g, axis_name),))
-  return identity(tree)
 
 
 def cross_entropy(weights, x, labels):
@@ -52,7 +41,7 @@ def pmap_loss(loss):
 
   @functools.wraps(loss)
   def averaged(weights, log_decay, *batch):
-    weights, log_decay = pmean_gradient((weights, log_decay), AXIS)
+    weights, log_decay = ih.pmean_gradient((weights, log_decay), AXIS)
     return loss(weights, log_decay, *batch)
 
   return averaged
@@ -168,7 +157,7 @@ def test_shard_map_hypergrad_with_pmean_losses_equals_single_device():
 
 
 def test_pmap_gradient_of_a_pmean_loss_is_the_local_gradient():
-  """Why `pmean_gradient` is needed: under `jax.pmap`, differentiating ``pmean(loss)``
+  """Why `ih.pmean_gradient` is needed: under `jax.pmap`, differentiating ``pmean(loss)``
   gives each device the gradient of its own slice's loss, not of the global mean."""
   weights, log_decay, train, _ = make_problem()
   x, labels = per_device(train)

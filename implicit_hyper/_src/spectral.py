@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.flatten_util import ravel_pytree
 
 
 def max_eigenvalue(matvec, like, *, num_iters: int = 20, key=None) -> jax.Array:
@@ -31,7 +32,9 @@ def max_eigenvalue(matvec, like, *, num_iters: int = 20, key=None) -> jax.Array:
   if not isinstance(num_iters, int) or num_iters < 0:
     raise ValueError(f"`max_eigenvalue(num_iters=...)` must be an int >= 0, got {num_iters!r}.")
   key = jax.random.PRNGKey(0) if key is None else key
-  v = otu.tree_random_like(key, like)
+  # One flat draw: a draw per leaf (`otu.tree_random_like`) is slow to compile for large trees.
+  flat, unravel = ravel_pytree(like)
+  v = unravel(jax.random.normal(key, flat.shape, flat.dtype))
   v = otu.tree_scale(1.0 / otu.tree_norm(v), v)
 
   def step(_, v):
