@@ -88,7 +88,7 @@ def main(argv=None):
   if args.child:
     print(json.dumps(measure(**json.loads(args.child))))
     return
-  steps_list = [1, 3] if args.quick else args.steps
+  steps_list = [2, 4] if args.quick else args.steps
   hidden = 8 if args.quick else args.width
   config = {"hidden": hidden, "batch_size": args.batch_size, "lr": args.lr}
 
