@@ -71,15 +71,17 @@ def make_problem(
   rows = rng.permutation(len(labels))
   half = len(rows) // 2
   pick = lambda part: rng.choice(part, batch_size, replace=batch_size > len(part))
-  batch = lambda idx: (jnp.asarray(images[idx] / 16.0, dtype), jnp.asarray(labels[idx]))
+  # Arrays are cast on the host: `jnp.asarray(x, dtype)` would compile a conversion.
+  dtype = np.dtype(dtype)
+  batch = lambda idx: (jnp.asarray((images[idx] / 16.0).astype(dtype)), jnp.asarray(labels[idx]))
   he_normal = lambda fan_in, fan_out, gain: jnp.asarray(
-    rng.standard_normal((fan_in, fan_out), np.float32) * np.sqrt(gain / fan_in), dtype
+    (rng.standard_normal((fan_in, fan_out)) * np.sqrt(gain / fan_in)).astype(dtype)
   )
   params = {
     "w1": he_normal(NUM_FEATURES, hidden, 2.0),
     "w2": he_normal(hidden, NUM_CLASSES, 1.0),
   }
-  log_decay = jax.tree.map(lambda w: jnp.full_like(w, np.log(decay)), params)
+  log_decay = jax.tree.map(lambda w: jnp.asarray(np.full(w.shape, np.log(decay), dtype)), params)
   return Problem(params, log_decay, batch(pick(rows[:half])), batch(pick(rows[half:])))
 
 
@@ -123,6 +125,7 @@ def unrolled_hypergrad(params, log_decay, train, val, *, steps: int, lr: float):
 
 
 def block(tree):
+  """Waits for every array in `tree` to be computed; returns `tree`."""
   return jax.tree.map(lambda leaf: leaf.block_until_ready(), tree)
 
 
@@ -144,6 +147,19 @@ def time_interleaved(calls: dict, *, rounds: int, warmup: int = 1) -> tuple[dict
       block(call())
       samples[name].append(time.perf_counter() - start)
   return samples, outputs
+
+
+def all_finite(tree) -> bool:
+  """Whether every leaf of `tree` is finite (checked on the host, compiling nothing)."""
+  return all(bool(np.isfinite(np.asarray(leaf)).all()) for leaf in jax.tree.leaves(tree))
+
+
+def cosine(a, b) -> float:
+  """The cosine similarity of two pytrees, computed on the host; 0 when either is zero."""
+  flat = lambda tree: np.concatenate([np.ravel(leaf) for leaf in jax.tree.leaves(tree)])
+  a, b = flat(a).astype(np.float64), flat(b).astype(np.float64)
+  norms = np.linalg.norm(a) * np.linalg.norm(b)
+  return float(a @ b / norms) if norms > 0 else 0.0
 
 
 def median(samples) -> float:

@@ -68,7 +68,7 @@ def ridge_problem(train, val):
     solve_column = lambda ld, b: jnp.linalg.solve(gram + 2 * jnp.diag(jnp.exp(ld)), b)
     return jax.vmap(solve_column, in_axes=1, out_axes=1)(log_decay, rhs)
 
-  log_decay = jnp.full((_common.NUM_FEATURES, NUM_CLASSES), np.log(DECAY))
+  log_decay = jnp.asarray(np.full((_common.NUM_FEATURES, NUM_CLASSES), np.log(DECAY)))
   exact = jax.jit(jax.grad(lambda ld: outer(closed_form(ld), ld, *val)))(log_decay)
   return inner, outer, jax.jit(closed_form)(log_decay), log_decay, exact
 
@@ -77,7 +77,7 @@ def logistic_problem(train, val, *, newton_steps: int = 30):
   """Returns ``(inner, outer, w_star, log_decay, exact_hypergradient)`` for logistic."""
   inner = lambda w, ld, x, y: cross_entropy(w, x, y) + penalty(w, ld)
   outer = lambda w, ld, x, y: cross_entropy(w, x, y)
-  log_decay = jnp.full((_common.NUM_FEATURES, NUM_CLASSES), np.log(DECAY))
+  log_decay = jnp.asarray(np.full((_common.NUM_FEATURES, NUM_CLASSES), np.log(DECAY)))
   shape = log_decay.shape
 
   @jax.jit
@@ -136,7 +136,7 @@ def compare(name: str, train, val, *, ks, rounds: int) -> dict:
     curve = curves.setdefault(method, {"k": [], "relative_error": [], "cosine": [], "seconds": []})
     curve["k"].append(k)
     curve["relative_error"].append(float(np.linalg.norm(g - exact) / np.linalg.norm(exact)))
-    curve["cosine"].append(_cosine(g, exact))
+    curve["cosine"].append(_common.cosine(g, exact))
     curve["seconds"].append(_common.median(samples[(method, k)]))
   inner_grad = jax.jit(jax.grad(inner))(w_star, log_decay, *train)
   return {
@@ -147,11 +147,6 @@ def compare(name: str, train, val, *, ks, rounds: int) -> dict:
     "exact_hypergradient_norm": float(np.linalg.norm(exact)),
     "curves": curves,
   }
-
-
-def _cosine(a, b) -> float:
-  norms = np.linalg.norm(a) * np.linalg.norm(b)
-  return float(a @ b / norms) if norms > 0 else 0.0
 
 
 def plot(results, path) -> None:

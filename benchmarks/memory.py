@@ -20,7 +20,6 @@ before compiling and after the run. The implicit method's memory must not grow w
 import json
 
 import jax
-import jax.numpy as jnp
 
 import implicit_hyper as ih
 
@@ -74,7 +73,7 @@ def measure(method: str, *, steps: int, hidden: int, batch_size: int, lr: float)
     ),
     "peak_before_bytes": before,
     "peak_bytes": _common.peak_memory_bytes(),
-    "finite": all(bool(jnp.isfinite(leaf).all()) for leaf in jax.tree.leaves(grads)),
+    "finite": _common.all_finite(grads),
   }
 
 

@@ -86,6 +86,7 @@ def measure(*, hidden: int, steps: int, batch_size: int, max_runs: int, budget_s
     ),
     "peak_before_bytes": before,
     "peak_bytes": _common.peak_memory_bytes(),
+    "residual_norm": float(info.residual_norm),
     "diverged": bool(info.diverged),
   }
 

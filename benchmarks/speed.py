@@ -176,15 +176,13 @@ def benchmark_width(hidden: int, *, steps: int, rounds: int, batch_size: int, on
     "flops": product_flops(problem),
   }
   if "ih Neumann(alpha)" in outputs and FLOOR in outputs:
-    result["cosine_neumann_to_floor"] = _cosine(outputs["ih Neumann(alpha)"][0], outputs[FLOOR])
+    result["cosine_neumann_to_floor"] = _common.cosine(
+      outputs["ih Neumann(alpha)"][0], outputs[FLOOR]
+    )
   for name, ran in result["library_solver_steps"].items():
     if ran != steps:
       print(f"  note: {name} stopped after {ran} of {steps} steps (non-positive curvature)")
   return result
-
-
-def _cosine(a, b) -> float:
-  return float(otu.tree_vdot(a, b) / (otu.tree_norm(a) * otu.tree_norm(b)))
 
 
 def _ratios(results, names, reference):
