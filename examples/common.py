@@ -552,3 +552,22 @@ def print_summary(title: str, headers: Sequence[str], rows: Iterable[Sequence]) 
 def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = ""):
   """A tqdm progress bar on stderr, refreshed at most once a second."""
   return tqdm(iterable, total=total, desc=desc, mininterval=1.0, dynamic_ncols=True)
+
+
+# =====================================================================================
+# Splits for the bilevel examples
+# =====================================================================================
+
+
+def train_validation_test(data: Dataset, num_train: int, num_validation: int, *, seed: int):
+  """Cut `data` into training, validation and test (x, y) pairs.
+
+  For a dataset with an official split (`Dataset.num_train`), the training and
+  validation rows are drawn from its official training part and the test set is its
+  official test part; otherwise the test set is every row left over.
+  """
+  if data.num_train is None:
+    return split(data, (num_train, num_validation, None), seed=seed)
+  official_train = (data.x[: data.num_train], data.y[: data.num_train])
+  train, validation = split(official_train, (num_train, num_validation), seed=seed)
+  return train, validation, (data.x[data.num_train :], data.y[data.num_train :])
