@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -41,3 +43,29 @@ def test_overfit_validation_fits_the_validation_set_better_than_the_test_set(tmp
   assert metrics["val_acc"] > history["val_acc"][0]
   assert metrics["val_acc"] > metrics["test_acc"]
   assert_png(tmp_path / "overfit_validation.png")
+
+
+def test_learned_augmentation_reports_paired_seeds_and_a_noisy_augmenter(tmp_path):
+  metrics = run_example("learned_augmentation", tmp_path)
+  for key in (
+    "aug_test_acc_mean",
+    "aug_test_acc_std",
+    "noaug_test_acc_mean",
+    "noaug_test_acc_std",
+    "num_hyperparams",
+  ):
+    assert key in metrics
+  # Three 3x3 convolutions: (image + noise) -> 16 -> 16 -> 1 channel, with biases.
+  assert metrics["num_hyperparams"] == (2 * 9 * 16 + 16) + (16 * 9 * 16 + 16) + (16 * 9 + 1)
+  runs = metrics["runs"]
+  assert len(runs) >= 3
+  for method in ("aug", "noaug"):
+    accuracies = np.array([run[f"{method}_test_acc"] for run in runs])
+    np.testing.assert_allclose(metrics[f"{method}_test_acc_mean"], accuracies.mean())
+    np.testing.assert_allclose(metrics[f"{method}_test_acc_std"], accuracies.std(ddof=1))
+    assert accuracies.min() > 0.5  # well above chance (0.1) after 200 Adam steps
+  # The augmenter starts as the identity; after training it changes the images, and
+  # differently for different noise.
+  assert metrics["augmentation_mean_abs_change"] > 1e-3
+  assert metrics["augmentation_sample_std"] > 1e-4
+  assert_png(tmp_path / "learned_augmentation.png")
