@@ -129,11 +129,15 @@ def block(tree):
   return jax.tree.map(lambda leaf: leaf.block_until_ready(), tree)
 
 
-def time_interleaved(calls: dict, *, rounds: int, warmup: int = 1) -> tuple[dict, dict]:
+def time_interleaved(
+  calls: dict, *, rounds: int, warmup: int = 1, budget_s: float = 0.0, max_rounds: int = 0
+) -> tuple[dict, dict]:
   """Seconds per call for each zero-argument callable, timed in interleaved rounds.
 
   Every callable runs `warmup` >= 1 times first (compilation included). Then each round
   calls each one once, so load from other processes spreads evenly over the methods.
+  After `rounds` rounds, more follow while less than `budget_s` seconds have passed,
+  up to `max_rounds`: fast calls get more samples at little cost.
   Returns ``({name: [seconds, ...]}, {name: output of the last warm-up call})``.
   """
   outputs = {}
@@ -141,7 +145,10 @@ def time_interleaved(calls: dict, *, rounds: int, warmup: int = 1) -> tuple[dict
     for _ in range(warmup):
       outputs[name] = block(call())
   samples = {name: [] for name in calls}
-  for _ in range(rounds):
+  begin = time.perf_counter()
+  done = 0
+  while done < rounds or (done < max_rounds and time.perf_counter() - begin < budget_s):
+    done += 1
     for name, call in calls.items():
       start = time.perf_counter()
       block(call())

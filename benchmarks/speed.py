@@ -1,7 +1,8 @@
 """Speed: one hypergradient of an MLP with one weight decay per weight, by every method.
 
-For each hidden width, times the hypergradient of the validation loss with K products
-(median of interleaved rounds after a warm-up; ratios are taken within the run):
+For each hidden width, times the hypergradient of the validation loss with K products:
+each round calls every method once, after a warm-up; times are medians over rounds, and
+ratios the median over rounds of the ratio within a round:
 
   ih Neumann(alpha)   `ih.hypergrad` with `Neumann(steps=K, alpha=1/lambda_max)`, the
                       estimate computed once beforehand, as a training loop caches it
@@ -20,9 +21,10 @@ random initialisation, where the Hessian has negative eigenvalues (about -0.5 at
 128): `ih.CG` stops there at the first non-positive curvature, so both CG columns solve
 with ``H + RIDGE I``, as iMAML's proximal term does, and run all K steps.
 
-Also reports XLA's flop count of one product each way: forward-over-reverse (this
-library and the floor) and reverse-over-reverse on a linearised gradient (jaxopt's
-`custom_root`, which differentiates the optimality condition with `jax.vjp`).
+Also reports XLA's flop count and the time of one Hessian-vector product each way:
+forward-over-reverse (this library and the floor), and reverse-over-reverse on the
+gradient linearised once (jaxopt's `custom_root` applies `jax.vjp` of the optimality
+condition), next to one gradient.
 
   python benchmarks/speed.py            # widths 128, 1024, 8192: 9,472 to 606,208 weights
   python benchmarks/speed.py --large    # adds width 65536: 4,849,664 weights
@@ -109,10 +111,10 @@ def methods(steps: int, alpha: float) -> dict:
   """Every method as a function of ``(params, log_decay, train, val)``."""
   library = lambda solver: functools.partial(library_hypergrad, solver=solver)
   fns = {
+    FLOOR: functools.partial(handwritten_neumann, steps=steps, alpha=alpha),
     "ih Neumann(alpha)": library(solver=ih.Neumann(steps=steps, alpha=alpha)),
     "ih Neumann(auto)": library(solver=ih.Neumann(steps=steps)),
     "ih CG": library(solver=ih.CG(steps=steps, tol=0.0, ridge=RIDGE)),
-    FLOOR: functools.partial(handwritten_neumann, steps=steps, alpha=alpha),
   }
   linear_solve = jaxopt_linear_solve()
   if linear_solve is None:
@@ -139,31 +141,62 @@ def step_size(problem) -> float:
   return float(jax.jit(estimate)(problem.params, problem.log_decay, problem.train))
 
 
-def product_flops(problem) -> dict:
-  """XLA's flop count of one gradient and of one Hessian-vector product each way."""
-  params, log_decay, train, _ = problem
-  grad = lambda w: jax.grad(_common.inner_loss)(w, log_decay, *train)
-
-  def forward_over_reverse(w, v):
-    return jax.jvp(grad, (w,), (v,))[1]
-
-  def reverse_over_reverse(w, v):
-    return jax.vjp(grad, w)[1](v)[0]
-
-  flops = lambda fn, *args: jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
-  return {
-    "gradient": flops(grad, params),
-    "hvp forward-over-reverse": flops(forward_over_reverse, params, params),
-    "hvp reverse-over-reverse": flops(reverse_over_reverse, params, params),
-  }
+PRODUCT_KINDS = ("gradient", "forward-over-reverse", "reverse-over-reverse")
 
 
-def benchmark_width(hidden: int, *, steps: int, rounds: int, batch_size: int, only) -> dict:
+def repeated_products(kind: str, count: int, alpha: float, *, unroll: bool = False):
+  """`count` steps ``v <- v - alpha P(v)`` in a `fori_loop`, P chosen by `kind`.
+
+  "gradient": P is the gradient of the training loss at v (gradient descent).
+  "forward-over-reverse": ``P(v) = H v`` by `jax.jvp` of the gradient, as in this library.
+  "reverse-over-reverse": ``P(v) = H v`` by the VJP of the gradient, linearised once
+  before the loop, as jaxopt's `custom_root` applies `jax.vjp` to the optimality condition.
+  """
+
+  def run(params, log_decay, train):
+    grad = lambda w: jax.grad(_common.inner_loss)(w, log_decay, *train)
+    if kind == "gradient":
+      product = grad
+    elif kind == "forward-over-reverse":
+      product = lambda v: jax.jvp(grad, (params,), (v,))[1]
+    else:
+      vjp = jax.vjp(grad, params)[1]
+      product = lambda v: vjp(v)[0]
+    step = lambda _, v: otu.tree_add_scale(v, -alpha, product(v))
+    return jax.lax.fori_loop(0, count, step, params, unroll=unroll)
+
+  return run
+
+
+def product_costs(problem, *, alpha: float, rounds: int, count: int = 10) -> dict:
+  """XLA's flop count and the seconds of one gradient and one product each way.
+
+  The time is that of a loop of `count` of them, divided by `count`; the flops are the
+  difference between fully unrolled loops of 3 and of 2.
+  """
+  args = (problem.params, problem.log_decay, problem.train)
+  flops = lambda fn: jax.jit(fn).lower(*args).compile().cost_analysis()["flops"]
+  costs, calls = {}, {}
+  for kind in PRODUCT_KINDS:
+    unrolled = lambda n, kind=kind: repeated_products(kind, n, alpha, unroll=True)
+    costs[kind] = {"flops": flops(unrolled(3)) - flops(unrolled(2))}
+    calls[kind] = functools.partial(jax.jit(repeated_products(kind, count, alpha)), *args)
+  samples, _ = _common.time_interleaved(calls, rounds=rounds)
+  for kind, cost in costs.items():
+    cost["seconds"] = _common.median(samples[kind]) / count
+  return costs
+
+
+def benchmark_width(
+  hidden: int, *, steps: int, rounds: int, budget_s: float, batch_size: int, only
+) -> dict:
   problem = _common.make_problem(hidden, batch_size=batch_size)
   alpha = step_size(problem)
   fns = {name: fn for name, fn in methods(steps, alpha).items() if not only or name in only}
   calls = {name: functools.partial(jax.jit(fn), *problem) for name, fn in fns.items()}
-  samples, outputs = _common.time_interleaved(calls, rounds=rounds)
+  samples, outputs = _common.time_interleaved(
+    calls, rounds=rounds, budget_s=budget_s, max_rounds=10 * rounds
+  )
   result = {
     "hidden": hidden,
     "weights": _common.num_weights(hidden),
@@ -173,7 +206,7 @@ def benchmark_width(hidden: int, *, steps: int, rounds: int, batch_size: int, on
     "library_solver_steps": {
       name: int(out[1].num_steps) for name, out in outputs.items() if name.startswith("ih ")
     },
-    "flops": product_flops(problem),
+    "product_costs": product_costs(problem, alpha=alpha, rounds=rounds),
   }
   if "ih Neumann(alpha)" in outputs and FLOOR in outputs:
     result["cosine_neumann_to_floor"] = _common.cosine(
@@ -186,9 +219,18 @@ def benchmark_width(hidden: int, *, steps: int, rounds: int, batch_size: int, on
 
 
 def _ratios(results, names, reference):
+  """Median over rounds of each method's time over `reference`'s time in the same round.
+
+  Calls in one round are seconds apart, so this ratio is robust to the load of other
+  processes drifting during the run, which the ratio of two medians is not.
+  """
   for r in results:
-    if reference in r["seconds"]:
-      r[f"ratio_to_{reference}"] = {n: r["seconds"][n] / r["seconds"][reference] for n in names}
+    if reference in r["samples"]:
+      ref = r["samples"][reference]
+      r[f"ratio_to_{reference}"] = {
+        n: _common.median([t / t_ref for t, t_ref in zip(r["samples"][n], ref, strict=True)])
+        for n in names
+      }
 
 
 def main(argv=None):
@@ -196,7 +238,10 @@ def main(argv=None):
   parser.add_argument("--widths", type=int, nargs="+", default=[128, 1024, 8192])
   parser.add_argument("--large", action="store_true", help="also width 65536 (4.8M weights)")
   parser.add_argument("--steps", type=int, default=20, help="K, products per hypergradient")
-  parser.add_argument("--rounds", type=int, default=15, help="timed calls per method")
+  parser.add_argument("--rounds", type=int, default=20, help="timed calls per method, at least")
+  parser.add_argument(
+    "--budget", type=float, default=30.0, help="seconds per width for more rounds (up to 10x)"
+  )
   parser.add_argument("--batch-size", type=int, default=256)
   parser.add_argument("--only", nargs="+", help="time only these methods (names as printed)")
   args = parser.parse_args(argv)
@@ -209,14 +254,20 @@ def main(argv=None):
     print(f"width {hidden} ({_common.num_weights(hidden):,} weights)...", flush=True)
     results.append(
       benchmark_width(
-        hidden, steps=steps, rounds=rounds, batch_size=args.batch_size, only=args.only
+        hidden,
+        steps=steps,
+        rounds=rounds,
+        budget_s=0.0 if args.quick else args.budget,
+        batch_size=args.batch_size,
+        only=args.only,
       )
     )
   names = list(results[0]["seconds"])
   _ratios(results, names, FLOOR)
   _ratios(results, names, JAXOPT_CG)
   row = lambda r, cells: [f"{r['weights']:,}", *cells]
-  print(f"\nmedian time per hypergradient, K = {steps}, {rounds} rounds:")
+  counts = ", ".join(str(len(r["samples"][names[0]])) for r in results)
+  print(f"\nmedian time per hypergradient, K = {steps}, rounds per width: {counts}")
   _common.print_table(
     ["weights", *names],
     [row(r, [_common.format_seconds(r["seconds"][n]) for n in names]) for r in results],
@@ -224,23 +275,20 @@ def main(argv=None):
   for reference in (FLOOR, JAXOPT_CG):
     key = f"ratio_to_{reference}"
     if all(key in r for r in results):
-      print(f"\nratio to {reference} (same run):")
+      print(f"\nratio to {reference} (median of per-round ratios):")
       _common.print_table(
         ["weights", *names], [row(r, [f"{r[key][n]:.2f}" for n in names]) for r in results]
       )
-  print("\nXLA flops per product (relative to one gradient):")
-  kinds = list(results[0]["flops"])
+  print("\none gradient and one Hessian-vector product: XLA's flop count, median time:")
+  kinds = list(results[0]["product_costs"])
+  cost = lambda c: f"{c['flops']:.3g} flops, {_common.format_seconds(c['seconds'])}"
   _common.print_table(
-    ["weights", *kinds],
-    [
-      row(r, [f"{r['flops'][k]:.3g} ({r['flops'][k] / r['flops']['gradient']:.2f})" for k in kinds])
-      for r in results
-    ],
+    ["weights", *kinds], [row(r, [cost(r["product_costs"][k]) for k in kinds]) for r in results]
   )
   payload = {
     "machine": _common.machine(),
     "steps": steps,
-    "rounds": rounds,
+    "min_rounds": rounds,
     "batch_size": args.batch_size,
     "ridge_for_cg": RIDGE,
     "results": results,
