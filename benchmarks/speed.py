@@ -17,7 +17,7 @@ ratios the median over rounds of the ratio within a round:
   one gradient        `jax.grad` of the training loss, for scale
 
 Every iterative solver runs exactly K iterations (tol=0). The weights are at their
-random initialisation, where the Hessian has negative eigenvalues (about -0.5 at width
+random initialisation, where the Hessian has negative eigenvalues (about -0.66 at width
 128): `ih.CG` stops there at the first non-positive curvature, so both CG columns solve
 with ``H + RIDGE I``, as iMAML's proximal term does, and run all K steps.
 
