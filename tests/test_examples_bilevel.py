@@ -32,7 +32,14 @@ def assert_png(path):
 
 def test_overfit_validation_fits_the_validation_set_better_than_the_test_set(tmp_path):
   metrics = run_example("overfit_validation", tmp_path)
-  for key in ("num_hyperparams", "train_acc", "val_acc", "test_acc", "seconds_per_hyper_step"):
+  for key in (
+    "num_hyperparams",
+    "train_acc",
+    "val_acc",
+    "test_acc",
+    "seconds_per_hyper_step",
+    "untuned_test_acc",
+  ):
     assert key in metrics
   # --quick: an MLP 64-32-32-10, one decay per weight and per bias.
   assert metrics["num_hyperparams"] == 64 * 32 + 32 + 32 * 32 + 32 + 32 * 10 + 10
