@@ -16,8 +16,9 @@ phi enters the training loss only, which the implicit function theorem needs. Th
 is the paper's Algorithm 1 (`ih.bilevel`): ten Adam steps on theta (fresh noise for
 each, passed in as data), then one Adam step on phi along the Neumann hypergradient,
 as in the learned data augmentation of Lorraine, Vicol & Duvenaud (AISTATS 2020). The
-baseline trains the same classifier with the same steps and minibatches on the clean
-training images. Both are repeated over several seeds, each with its own split,
+baselines train the same classifier with the same steps and minibatches on the clean
+training images, and on training images plus Gaussian noise of a fixed std (not tuned
+on validation data). All are repeated over several seeds, each with its own split,
 initialisation and noise.
 
     python examples/learned_augmentation.py [--quick] [--out DIR] [--seed N] [--seeds S]
@@ -52,6 +53,9 @@ def parse_args(argv=None):
   parser.add_argument("--inner-lr", type=float, default=3e-3, help="Adam rate of the classifier")
   parser.add_argument("--outer-lr", type=float, default=1e-3, help="Adam rate of the augmenter")
   parser.add_argument("--l2", type=float, default=1e-4, help="classifier weight decay")
+  parser.add_argument(
+    "--noise-std", type=float, default=0.3, help="std of the Gaussian-noise baseline's noise"
+  )
   args = parser.parse_args(argv)
   quick = {"seeds": 3, "hyper_steps": 20}
   full = {"seeds": 5, "hyper_steps": 300}
@@ -211,12 +215,13 @@ class Experiment:
     self.inner_optimizer = inner_optimizer = optax.adam(args.inner_lr)
 
     @jax.jit
-    def baseline_steps(params, opt_state, batches):
-      """`inner_steps` Adam steps on clean minibatches, like the inner loop of a hyper step."""
+    def baseline_steps(params, opt_state, batches, noise_std):
+      """`inner_steps` Adam steps on ``x + noise_std * z``, like the inner loop of a hyper step."""
 
       def update(carry, batch):
         params, opt_state = carry
-        grads = jax.grad(clean_loss)(params, batch)
+        x, y, noise = batch
+        grads = jax.grad(clean_loss)(params, (x + noise_std * noise, y))
         updates, opt_state = inner_optimizer.update(grads, opt_state)
         return (optax.apply_updates(params, updates), opt_state), None
 
@@ -227,7 +232,10 @@ class Experiment:
     self.augment = jax.jit(lambda phi, x, noise: self.augmenter.apply({"params": phi}, x, noise))
 
   def run(self, seed, data, bar):
-    """Trains with the learned augmentation and without; returns (results, state, train)."""
+    """Trains with the learned augmentation, without, and with Gaussian noise.
+
+    Returns (results, the final `BilevelState`, the training set).
+    """
     args = self.args
     train, validation, test = common.train_validation_test(
       data, args.train_size, args.val_size, seed=seed
@@ -236,20 +244,22 @@ class Experiment:
     params = self.classifier.init(classifier_key, train[0][:1])["params"]
     phi = self.augmenter.init(augmenter_key, train[0][:1], train[0][:1, ..., :1])["params"]
     state = self.loop.init(params, phi)
-    baseline, baseline_opt_state = params, self.inner_optimizer.init(params)
+    baselines = {"noaug": 0.0, "noise": args.noise_std}
+    trained = {name: (params, self.inner_optimizer.init(params)) for name in baselines}
     rng, start = np.random.default_rng(seed), time.perf_counter()
     for _ in range(args.hyper_steps):
       batches = minibatches(rng, train, args)
       state, metrics = self.hyper_step(state, batches, validation)
-      baseline, baseline_opt_state = self.baseline_steps(baseline, baseline_opt_state, batches[:2])
+      for name, noise_std in baselines.items():
+        trained[name] = self.baseline_steps(*trained[name], batches, noise_std)
       bar.set_postfix(seed=seed, train_loss=float(metrics.inner_loss), refresh=False)
       bar.update()
-    results = {
-      "seed": seed,
-      "aug_test_acc": accuracy(self.predict, state.params, *test),
-      "noaug_test_acc": accuracy(self.predict, baseline, *test),
-      "aug_val_acc": accuracy(self.predict, state.params, *validation),
-      "noaug_val_acc": accuracy(self.predict, baseline, *validation),
+    final = {"aug": state.params, **{name: p for name, (p, _) in trained.items()}}
+    results = {"seed": seed}
+    for name, final_params in final.items():
+      results[f"{name}_test_acc"] = accuracy(self.predict, final_params, *test)
+      results[f"{name}_val_acc"] = accuracy(self.predict, final_params, *validation)
+    results |= {
       "skipped_hyper_steps": int(metrics.num_skipped),
       "seconds": time.perf_counter() - start,
       "test_size": len(test[0]),
@@ -273,15 +283,18 @@ def main(argv=None):
   samples = np.stack([experiment.augment(state.hparams, x, z.astype(np.float32)) for z in noise], 1)
   plot_samples(x, samples, args.out / "learned_augmentation.png")
 
-  aug, noaug = (np.array([run[f"{key}_test_acc"] for run in runs]) for key in ("aug", "noaug"))
-  result = {
-    "aug_test_acc_mean": aug.mean(),
-    "aug_test_acc_std": aug.std(ddof=1),
-    "noaug_test_acc_mean": noaug.mean(),
-    "noaug_test_acc_std": noaug.std(ddof=1),
+  test_acc = {
+    k: np.array([run[f"{k}_test_acc"] for run in runs]) for k in ("aug", "noaug", "noise")
+  }
+  result = {}
+  for name, accuracies in test_acc.items():
+    result[f"{name}_test_acc_mean"] = accuracies.mean()
+    result[f"{name}_test_acc_std"] = accuracies.std(ddof=1)
+  result |= {
     "num_hyperparams": sum(leaf.size for leaf in jax.tree.leaves(state.hparams)),
-    "test_acc_gain_mean": (aug - noaug).mean(),
-    "test_acc_gain_std": (aug - noaug).std(ddof=1),
+    "test_acc_gain_mean": (test_acc["aug"] - test_acc["noaug"]).mean(),
+    "test_acc_gain_std": (test_acc["aug"] - test_acc["noaug"]).std(ddof=1),
+    "noise_std": args.noise_std,
     "augmentation_mean_abs_change": np.abs(samples - x[:, None]).mean(),
     "augmentation_sample_std": samples.std(axis=1).mean(),
     "seeds": args.seeds,
@@ -296,11 +309,20 @@ def main(argv=None):
     f"Test accuracy over {args.seeds} seeds ({args.train_size} training, {args.val_size} "
     f"validation, {runs[0]['test_size']} test images; {result['num_hyperparams']:,} "
     "hyperparameters)",
-    ("seed", "learned augmentation", "no augmentation", "skipped hyper steps"),
-    [(r["seed"], r["aug_test_acc"], r["noaug_test_acc"], r["skipped_hyper_steps"]) for r in runs]
+    ("seed", "learned augmentation", "no augmentation", f"noise std {args.noise_std:g}", "skipped"),
+    [
+      (
+        r["seed"],
+        r["aug_test_acc"],
+        r["noaug_test_acc"],
+        r["noise_test_acc"],
+        r["skipped_hyper_steps"],
+      )
+      for r in runs
+    ]
     + [
-      ("mean", result["aug_test_acc_mean"], result["noaug_test_acc_mean"], ""),
-      ("std", result["aug_test_acc_std"], result["noaug_test_acc_std"], ""),
+      (stat, *(result[f"{name}_test_acc_{stat}"] for name in ("aug", "noaug", "noise")), "")
+      for stat in ("mean", "std")
     ],
   )
   print(f"wrote {args.out}/metrics.json and {args.out}/learned_augmentation.png")

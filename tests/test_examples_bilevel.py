@@ -59,6 +59,7 @@ def test_learned_augmentation_reports_paired_seeds_and_a_noisy_augmenter(tmp_pat
     "aug_test_acc_std",
     "noaug_test_acc_mean",
     "noaug_test_acc_std",
+    "noise_test_acc_mean",
     "num_hyperparams",
   ):
     assert key in metrics
@@ -66,7 +67,7 @@ def test_learned_augmentation_reports_paired_seeds_and_a_noisy_augmenter(tmp_pat
   assert metrics["num_hyperparams"] == (2 * 9 * 16 + 16) + (16 * 9 * 16 + 16) + (16 * 9 + 1)
   runs = metrics["runs"]
   assert len(runs) >= 3
-  for method in ("aug", "noaug"):
+  for method in ("aug", "noaug", "noise"):
     accuracies = np.array([run[f"{method}_test_acc"] for run in runs])
     np.testing.assert_allclose(metrics[f"{method}_test_acc_mean"], accuracies.mean())
     np.testing.assert_allclose(metrics[f"{method}_test_acc_std"], accuracies.std(ddof=1))
