@@ -5,7 +5,7 @@ that maps an image x and a channel of per-example Gaussian noise z to a sample
 
     a_phi(x, z) = x + tanh(r_phi(x, z)),
 
-residual, so that its last layer starts at zero and training starts without
+residual, with its last layer initialised to zero so that training starts without
 augmentation, and random through z. A small CNN classifier theta is trained on
 augmented training images; phi is tuned for the clean validation images:
 
