@@ -118,6 +118,13 @@ def test_nan_in_hypergradient_is_skipped_and_counted():
     assert np.array_equal(a, b)
   assert not np.array_equal(states[4].hparams, states[3].hparams)  # training goes on
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(states[-1].outer_opt_state))
+  # The skipped step drops the cached Neumann step; the next one estimates it afresh.
+  assert np.isnan(float(states[3].neumann_alpha))
+  x = train[0]
+  hessian = x.T @ x / len(x) + float(jnp.exp(states[3].hparams)) * np.eye(x.shape[1])
+  np.testing.assert_allclose(
+    float(states[4].neumann_alpha), 1 / np.linalg.eigvalsh(hessian)[-1], rtol=1e-4
+  )
 
 
 def test_neumann_step_is_cached_and_refreshed_every_m_steps():

@@ -114,9 +114,11 @@ def bilevel(
 
   For `ih.Neumann` without `alpha`, ``1 / lambda_max`` is estimated by power iteration
   every `refresh_every` hyper steps and cached in the state; other solvers start from
-  the previous hyper step's adjoint (`warm_start`). With minibatches, a cached step can
-  exceed ``2 / lambda_max`` of a later batch's Hessian; such solves report `diverged`
-  and are skipped (lower `refresh_every` or pass ``Neumann(alpha=...)`` if that is common).
+  the previous hyper step's adjoint (`warm_start`). With minibatches, or while the
+  curvature grows early in training, a cached step can exceed ``2 / lambda_max`` of a
+  later Hessian; such solves report `diverged`, are skipped, and the step is re-estimated
+  at the next hyper step (lower `refresh_every` or pass ``Neumann(alpha=...)`` if that
+  is common).
 
   Args:
     inner_loss: ``inner_loss(params, hparams, batch)`` -> scalar training loss.
@@ -292,6 +294,8 @@ def bilevel(
       (optax.apply_updates(raw, updates), outer_state, adjoint),
     )
     num_skipped = state.num_skipped + skipped.astype(jnp.int32)
+    if cache_alpha:  # A skipped step may mean a stale step size: re-estimate it next time.
+      alpha = jnp.where(skipped, jnp.nan, alpha).astype(state.neumann_alpha.dtype)
     new_state = BilevelState(
       params, hparams, opt_state, outer_state, adjoint, alpha, state.step + 1, num_skipped
     )
