@@ -111,3 +111,30 @@ def digits_logistic(num_samples=300, seed=0):
 
   w0 = {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}
   return inner_loss, outer_loss, w0, (x[tr], y[tr]), (x[va], y[va])
+
+
+def cross_entropy(weights, x, labels):
+  """Mean softmax cross-entropy of a linear classifier without bias."""
+  logits = x @ weights
+  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
+  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - true_logit)
+
+
+def decayed_cross_entropy(weights, log_decay, x, labels):
+  """Cross-entropy plus one weight decay per weight, ``exp(log_decay)``: a training loss."""
+  return cross_entropy(weights, x, labels) + 0.5 * jnp.sum(jnp.exp(log_decay) * weights**2)
+
+
+def validation_cross_entropy(weights, log_decay, x, labels):
+  del log_decay
+  return cross_entropy(weights, x, labels)
+
+
+def softmax_problem(rows, features, classes, seed=0):
+  """Weights, log decays, and a training and a validation batch (float64 numpy)."""
+  rng = np.random.default_rng(seed)
+  weights = 0.1 * rng.normal(size=(features, classes))
+  log_decay = rng.normal(size=(features, classes)) - 2.0
+  train = rng.normal(size=(rows, features)), rng.integers(0, classes, rows)
+  val = rng.normal(size=(rows, features)), rng.integers(0, classes, rows)
+  return weights, log_decay, train, val

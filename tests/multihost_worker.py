@@ -11,8 +11,8 @@ through gloo. The process writes the hypergradient it sees to OUT_JSON.
 import json
 import sys
 
+import _problems
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -22,16 +22,8 @@ import implicit_hyper as ih
 ROWS, FEATURES, CLASSES = 32, 5, 3
 
 
-def train_loss(weights, log_decay, x, labels):
-  """Cross-entropy plus one weight decay per weight, ``exp(log_decay)``."""
-  return val_loss(weights, log_decay, x, labels) + 0.5 * jnp.sum(jnp.exp(log_decay) * weights**2)
-
-
-def val_loss(weights, log_decay, x, labels):
-  del log_decay
-  logits = x @ weights
-  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - true_logit)
+train_loss = _problems.decayed_cross_entropy
+val_loss = _problems.validation_cross_entropy
 
 
 @jax.jit
@@ -43,12 +35,7 @@ def hypergrad(weights, log_decay, train, val):
 
 def make_problem(seed=0):
   """Weights, log decays, and the full training and validation sets (float64 numpy)."""
-  rng = np.random.default_rng(seed)
-  weights = 0.1 * rng.normal(size=(FEATURES, CLASSES))
-  log_decay = rng.normal(size=(FEATURES, CLASSES)) - 2.0
-  train = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
-  val = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
-  return weights, log_decay, train, val
+  return _problems.softmax_problem(ROWS, FEATURES, CLASSES, seed)
 
 
 def main(process_id, num_processes, coordinator_address, out_path):

@@ -8,6 +8,7 @@ under `jax.pmap` the gradient must be averaged as well (`ih.pmean_gradient`).
 
 import functools
 
+import _problems
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,19 +22,8 @@ NUM_DEVICES = 8
 ROWS, FEATURES, CLASSES = 64, 6, 4
 
 
-def cross_entropy(weights, x, labels):
-  logits = x @ weights
-  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - true_logit)
-
-
-def train_loss(weights, log_decay, x, labels):
-  return cross_entropy(weights, x, labels) + 0.5 * jnp.sum(jnp.exp(log_decay) * weights**2)
-
-
-def val_loss(weights, log_decay, x, labels):
-  del log_decay
-  return cross_entropy(weights, x, labels)
+train_loss = _problems.decayed_cross_entropy
+val_loss = _problems.validation_cross_entropy
 
 
 def pmap_loss(loss):
@@ -58,12 +48,7 @@ def shard_map_loss(loss):
 
 
 def make_problem(seed=0):
-  rng = np.random.default_rng(seed)
-  weights = 0.1 * rng.normal(size=(FEATURES, CLASSES))
-  log_decay = rng.normal(size=(FEATURES, CLASSES)) - 2.0
-  train = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
-  val = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
-  return weights, log_decay, train, val
+  return _problems.softmax_problem(ROWS, FEATURES, CLASSES, seed)
 
 
 def per_device(batch):

@@ -9,6 +9,7 @@ import json
 import sys
 from pathlib import Path
 
+import _problems
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,30 +24,14 @@ ROWS, FEATURES, CLASSES = 64, 6, 8
 INNER_STEPS = 3
 
 
-def cross_entropy(weights, x, labels):
-  logits = x @ weights
-  true_logit = jnp.take_along_axis(logits, labels[:, None], axis=1)[:, 0]
-  return jnp.mean(jax.nn.logsumexp(logits, axis=1) - true_logit)
-
-
-def train_loss(weights, log_decay, x, labels):
-  """Cross-entropy plus one weight decay per weight, ``exp(log_decay)``."""
-  return cross_entropy(weights, x, labels) + 0.5 * jnp.sum(jnp.exp(log_decay) * weights**2)
-
-
-def val_loss(weights, log_decay, x, labels):
-  del log_decay
-  return cross_entropy(weights, x, labels)
+cross_entropy = _problems.cross_entropy
+train_loss = _problems.decayed_cross_entropy
+val_loss = _problems.validation_cross_entropy
 
 
 def make_problem(seed=0):
   """Weights, log decays, and a training and a validation batch (float64 numpy)."""
-  rng = np.random.default_rng(seed)
-  weights = 0.1 * rng.normal(size=(FEATURES, CLASSES))
-  log_decay = rng.normal(size=(FEATURES, CLASSES)) - 2.0
-  train = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
-  val = rng.normal(size=(ROWS, FEATURES)), rng.integers(0, CLASSES, ROWS)
-  return weights, log_decay, train, val
+  return _problems.softmax_problem(ROWS, FEATURES, CLASSES, seed)
 
 
 def mesh(shape, names):
