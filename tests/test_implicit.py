@@ -50,6 +50,20 @@ def test_iterative_inner_solver_with_default_neumann_solver():
   assert _problems.relative_error(got, EXACT) < 1e-8
 
 
+def test_eager_inner_solver_with_python_control_flow_on_values():
+  """An existing solver that stops early on a concrete residual runs as it is."""
+  grad = jax.jit(jax.grad(RIDGE.inner_loss))
+
+  @ih.implicit_argmin(RIDGE.inner_loss, solver=ih.Direct())
+  def gradient_descent_until_converged(w, lam, x, y):
+    while float(jnp.linalg.norm(g := grad(w, lam, x, y))) > 1e-13:
+      w = w - 0.2 * g
+    return w
+
+  got = jax.grad(_validation(gradient_descent_until_converged))(RIDGE.lam)
+  assert _problems.relative_error(got, EXACT) < 1e-10
+
+
 def test_gradient_with_respect_to_data_arguments_matches_differentiating_closed_form():
   def val(x, y):
     return RIDGE.outer_loss(

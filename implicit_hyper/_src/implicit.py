@@ -35,9 +35,12 @@ def implicit_argmin(inner_loss, *, solver=None, has_aux=False, on_divergence="wa
 
   with ``H^{-1}`` applied by `solver` using forward-over-reverse Hessian-vector
   products; H is never materialised unless the solver (`ih.Direct`) asks for it. The
-  inner solver itself is never differentiated. `init_params` and integer arrays in
-  `args` (labels) get zero cotangents. The theorem assumes ``solve`` reaches the
-  unique minimum of a locally strongly convex `inner_loss`.
+  inner solver itself is never differentiated, and may be any Python function: a
+  jittable one is closure-converted (arrays it closes over get gradients through
+  `inner_loss`), one that branches on concrete values (early stopping) is run as it is
+  outside `jit`. `init_params` and integer arrays in `args` (labels) get zero cotangents.
+  The theorem assumes ``solve`` reaches the unique minimum of a locally strongly convex
+  `inner_loss`.
 
   Args:
     inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar.
@@ -205,9 +208,14 @@ def _decorator(call, fn, *, argmin, check_inputs, solver, has_aux, on_divergence
       validation.check_float_tree(call, "hparams", hparams)
       check_inputs(init_params, hparams, args)
       fn_converted, fn_consts = jax.closure_convert(fn, init_params, hparams, *args)
-      solver_converted, solver_consts = jax.closure_convert(
-        inner_solver, init_params, hparams, *args
-      )
+      try:
+        solver_converted, solver_consts = jax.closure_convert(
+          inner_solver, init_params, hparams, *args
+        )
+      except jax.errors.ConcretizationTypeError:
+        # The solver branches on values (early stopping in a Python loop): it can only be
+        # run eagerly, as it is; then it must not close over arrays being differentiated.
+        solver_converted, solver_consts = inner_solver, ()
       return solve(
         fn_converted,
         solver_converted,
