@@ -103,6 +103,36 @@ def test_resumed_run_is_bit_identical_to_uninterrupted_run(tmp_path, source):
   assert restored_history == reference_history
 
 
+def test_callback_values_join_the_history_and_survive_resumption(tmp_path):
+  def callback(step, state):
+    if step % 4 == 0:
+      return {"validation_error": squared_error(state.params, data(step)[1])}
+    return None
+
+  loop = ridge_loop()
+  _, reference = ih.fit(
+    loop,
+    initial_state(),
+    data,
+    num_steps=10,
+    progress=False,
+    callback=callback,
+    metrics_path=tmp_path / "m.csv",
+  )
+  evaluated = [r for r in reference if "validation_error" in r]
+  assert [r["step"] for r in evaluated] == [0, 4, 8]
+  assert all(isinstance(r["validation_error"], float) for r in evaluated)
+
+  run = dict(num_steps=10, checkpoint_dir=tmp_path / "ckpt", checkpoint_every=3, progress=False)
+  with pytest.raises(Interrupted):
+    ih.fit(loop, initial_state(), functools.partial(data, stop_at=7), callback=callback, **run)
+  _, history = ih.fit(loop, initial_state(), data, callback=callback, **run)
+  assert history == reference
+  with (tmp_path / "m.csv").open() as f:
+    rows = list(csv.DictReader(f))
+  assert [row["validation_error"] != "" for row in rows] == [k % 4 == 0 for k in range(10)]
+
+
 def test_corrupt_checkpoint_raises_naming_the_file_and_writes_nothing(tmp_path):
   directory = tmp_path / "ckpt"
   ih.fit(

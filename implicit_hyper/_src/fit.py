@@ -30,6 +30,7 @@ def fit(
   keep_checkpoints: int = 2,
   metrics_path=None,
   progress: bool = True,
+  callback=None,
 ):
   """Runs ``loop.step`` (jit-compiled) until ``state.step == num_steps``, resumably.
 
@@ -62,11 +63,14 @@ def fit(
     metrics_path: a ``.json`` (a list of records) or ``.csv`` file, rewritten with the
       history at every checkpoint and at the end; None for none.
     progress: show a tqdm progress bar with the latest metrics.
+    callback: ``callback(step, state) -> dict | None``, called after every hyper step
+      with the new state (e.g. to evaluate test accuracy every few steps); the scalars
+      it returns join that step's history record and are checkpointed with it.
 
   Returns:
     ``(state, history)``: the final state and one dict per hyper step holding its index
-    ``step``, the `BilevelMetrics` fields and every scalar constrained hyperparameter
-    (``hparams`` or ``hparams/<key>``).
+    ``step``, the `BilevelMetrics` fields, every scalar constrained hyperparameter
+    (``hparams`` or ``hparams/<key>``) and what `callback` returned.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, optax
@@ -87,6 +91,8 @@ def fit(
   ):
     if not isinstance(value, int) or value < 1:
       raise ValueError(f"`fit({name}=...)` must be an int >= 1, got {value!r}.")
+  if callback is not None and not callable(callback):
+    raise TypeError(f"`fit(callback=...)` must be callable or None, got {callback!r}.")
   if metrics_path is not None and Path(metrics_path).suffix not in METRICS_SUFFIXES:
     raise ValueError(f"`fit(metrics_path=...)` must end in .json or .csv, got {metrics_path!r}.")
   history = []
@@ -116,7 +122,8 @@ def fit(
       state, *outputs = step_fn(state, inner_batches, outer_batch)
       if pending is not None:  # Read the previous metrics while this step runs.
         _append(history, bar, pending)
-      pending, saved = (step, *outputs), False
+      extra = callback(step, state) if callback is not None else None
+      pending, saved = (step, *outputs, extra), False
       if (step + 1) % checkpoint_every == 0:
         _append(history, bar, pending)
         pending, saved = None, True
@@ -170,11 +177,11 @@ def save_checkpoint(directory, state, history, *, keep: int = 2) -> Path:
   serialization = _flax_serialization()
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  columns = {k: np.asarray([r[k] for r in history]) for k in (history[0] if history else ())}
   payload = {
     "format": CHECKPOINT_FORMAT,
     "state": serialization.to_state_dict(jax.device_get(state)),
-    "history": columns,
+    # Python's JSON round-trips floats (and NaN) exactly, and records may differ in keys.
+    "history": json.dumps(history),
   }
   path = directory / f"ckpt_{int(state.step):08d}.msgpack"
   _atomic_write(path, serialization.msgpack_serialize(payload))
@@ -208,9 +215,10 @@ def load_checkpoint(path, like):
   except (ValueError, KeyError, TypeError) as err:
     raise ValueError(f"Checkpoint {path} does not match the `state` given: {err} {hint}") from err
   state = jax.tree.map(lambda x, t: jnp.asarray(x, jnp.result_type(t)), restored, like)
-  columns = payload.get("history", {})
-  rows = zip(*columns.values(), strict=True)
-  history = [{k: v.item() for k, v in zip(columns, row, strict=True)} for row in rows]
+  try:
+    history = json.loads(payload.get("history", "[]"))
+  except (TypeError, ValueError) as err:
+    raise ValueError(f"Checkpoint {path} has an unreadable metric history ({err}). {hint}") from err
   return state, history
 
 
@@ -221,7 +229,8 @@ def write_metrics(path, history) -> None:
     text = json.dumps(history, indent=1)
   else:
     lines = _CsvLines()
-    writer = csv.DictWriter(lines, fieldnames=list(history[0]) if history else ["step"])
+    fields = list(dict.fromkeys(k for record in history for k in record)) or ["step"]
+    writer = csv.DictWriter(lines, fieldnames=fields)
     writer.writeheader()
     writer.writerows(history)
     text = "".join(lines)
@@ -269,9 +278,9 @@ def _compiled_step(loop):
   return jax.jit(step)
 
 
-def _record(step, metrics, hparams):
+def _record(step, metrics, hparams, extra):
   """One history entry of Python scalars (exactly representable, so resumption is exact)."""
-  metrics, hparams = jax.device_get((metrics, hparams))
+  metrics, hparams, extra = jax.device_get((metrics, hparams, extra or {}))
   record = {"step": step, **{k: np.asarray(v).item() for k, v in metrics._asdict().items()}}
   for path, leaf in jax.tree_util.tree_leaves_with_path(hparams):
     if np.size(leaf) == 1:
@@ -279,6 +288,7 @@ def _record(step, metrics, hparams):
         str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
       )
       record["hparams/" + name if name else "hparams"] = np.asarray(leaf).item()
+  record.update({k: np.asarray(v).item() for k, v in extra.items()})
   return record
 
 
