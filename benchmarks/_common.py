@@ -27,6 +27,8 @@ import numpy as np
 import optax
 import optax.tree_utils as otu
 
+import implicit_hyper as ih
+
 NUM_FEATURES = 64
 NUM_CLASSES = 10
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -112,6 +114,20 @@ def sgd_steps(params, log_decay, train, *, steps: int, lr: float, scan: bool):
   if scan:
     return jax.lax.scan(lambda p, _: (step(p), None), params, length=steps)[0]
   return jax.lax.fori_loop(0, steps, lambda _, p: step(p), params)
+
+
+def library_hypergrad(params, log_decay, train, val, *, solver):
+  """`ih.hypergrad` of the validation loss and its `SolveInfo`."""
+  return ih.hypergrad(
+    outer_loss,
+    inner_loss,
+    params,
+    log_decay,
+    inner_args=train,
+    outer_args=val,
+    solver=solver,
+    return_info=True,
+  )
 
 
 def unrolled_hypergrad(params, log_decay, train, val, *, steps: int, lr: float):

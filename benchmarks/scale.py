@@ -27,16 +27,8 @@ except ImportError:  # imported as benchmarks.scale
 
 
 def hypergradient(params, log_decay, train, val, alpha, *, steps: int):
-  return ih.hypergrad(
-    _common.outer_loss,
-    _common.inner_loss,
-    params,
-    log_decay,
-    inner_args=train,
-    outer_args=val,
-    solver=ih.Neumann(steps=steps, alpha=alpha),
-    return_info=True,
-  )
+  solver = ih.Neumann(steps=steps, alpha=alpha)
+  return _common.library_hypergrad(params, log_decay, train, val, solver=solver)
 
 
 def inverse_largest_eigenvalue(params, log_decay, train, val):

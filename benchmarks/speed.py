@@ -66,20 +66,6 @@ def handwritten_neumann(params, log_decay, train, val, *, steps: int, alpha: flo
   return otu.tree_scale(-1.0, mixed_vjp(x)[0])
 
 
-def library_hypergrad(params, log_decay, train, val, *, solver):
-  """`ih.hypergrad` and its `SolveInfo`."""
-  return ih.hypergrad(
-    _common.outer_loss,
-    _common.inner_loss,
-    params,
-    log_decay,
-    inner_args=train,
-    outer_args=val,
-    solver=solver,
-    return_info=True,
-  )
-
-
 def jaxopt_hypergrad(params, log_decay, train, val, *, solve):
   """jaxopt's documented use: `custom_root` on the gradient of the training loss."""
   from jaxopt import implicit_diff
@@ -109,7 +95,7 @@ def jaxopt_linear_solve():
 
 def methods(steps: int, alpha: float) -> dict:
   """Every method as a function of ``(params, log_decay, train, val)``."""
-  library = lambda solver: functools.partial(library_hypergrad, solver=solver)
+  library = lambda solver: functools.partial(_common.library_hypergrad, solver=solver)
   fns = {
     FLOOR: functools.partial(handwritten_neumann, steps=steps, alpha=alpha),
     "ih Neumann(alpha)": library(solver=ih.Neumann(steps=steps, alpha=alpha)),
