@@ -4,27 +4,33 @@ from implicit_hyper._src.bilevel import Bilevel as Bilevel
 from implicit_hyper._src.bilevel import BilevelMetrics as BilevelMetrics
 from implicit_hyper._src.bilevel import BilevelState as BilevelState
 from implicit_hyper._src.bilevel import bilevel as bilevel
+from implicit_hyper._src.checkpoint import latest_checkpoint as latest_checkpoint
+from implicit_hyper._src.checkpoint import load_checkpoint as load_checkpoint
+from implicit_hyper._src.checkpoint import save_checkpoint as save_checkpoint
 from implicit_hyper._src.fit import bilevel_batches as bilevel_batches
 from implicit_hyper._src.fit import fit as fit
-from implicit_hyper._src.fit import latest_checkpoint as latest_checkpoint
-from implicit_hyper._src.fit import load_checkpoint as load_checkpoint
 from implicit_hyper._src.hypergrad import hypergrad as hypergrad
-from implicit_hyper._src.hypergrad import hypergrad_and_adjoint as hypergrad_and_adjoint
-from implicit_hyper._src.implicit import HypergradientWarning as HypergradientWarning
+from implicit_hyper._src.hypergrad import hypergrad_with_info as hypergrad_with_info
 from implicit_hyper._src.implicit import implicit_argmin as implicit_argmin
+from implicit_hyper._src.implicit import implicit_fixed_point as implicit_fixed_point
 from implicit_hyper._src.implicit import implicit_root as implicit_root
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
 from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient
+from implicit_hyper._src.rule import HypergradientError as HypergradientError
+from implicit_hyper._src.rule import HypergradientWarning as HypergradientWarning
 from implicit_hyper._src.solvers._base import LinearSolver as LinearSolver
 from implicit_hyper._src.solvers._base import SolveInfo as SolveInfo
+from implicit_hyper._src.solvers._base import solver_pytree as solver_pytree
 from implicit_hyper._src.solvers.bicgstab import BiCGStab as BiCGStab
 from implicit_hyper._src.solvers.cg import CG as CG
 from implicit_hyper._src.solvers.direct import Direct as Direct
+from implicit_hyper._src.solvers.function import FunctionSolver as FunctionSolver
 from implicit_hyper._src.solvers.identity import Identity as Identity
 from implicit_hyper._src.solvers.neumann import Neumann as Neumann
+from implicit_hyper._src.solvers.neumann import NeumannState as NeumannState
 from implicit_hyper._src.solvers.normal_cg import NormalCG as NormalCG
 from implicit_hyper._src.spectral import max_eigenvalue as max_eigenvalue
 from implicit_hyper._src.unrolled import unrolled_hypergrad as unrolled_hypergrad
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

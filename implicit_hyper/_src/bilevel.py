@@ -1,6 +1,5 @@
 """The alternating loop of Lorraine et al. 2020 (Algorithm 1) as optax-style pure functions."""
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
@@ -10,12 +9,10 @@ import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
-from implicit_hyper._src import operators
-from implicit_hyper._src import spectral
 from implicit_hyper._src import transforms
 from implicit_hyper._src import unrolled
 from implicit_hyper._src import validation
-from implicit_hyper._src.hypergrad import hypergrad_and_adjoint
+from implicit_hyper._src.hypergrad import hypergrad_with_info
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.neumann import Neumann
 
@@ -30,10 +27,8 @@ class BilevelState(NamedTuple):
     hparams: the raw (unconstrained) hyperparameters the outer optimiser updates.
     inner_opt_state: state of the inner optimiser.
     outer_opt_state: state of the outer optimiser.
-    adjoint: the last solve's ``u ~ H^{-1} dL_V/d params``, the next warm start; None
-      when the solver takes no warm start.
-    neumann_alpha: the cached Neumann step ``1 / lambda_max`` (NaN until the first
-      estimate, and when unused).
+    solver_state: what the linear solver keeps between hyper steps (`ih.Neumann`'s
+      cached step, `ih.CG`'s warm start); opaque to the loop.
     step: hyper steps taken.
     num_skipped: hyper steps skipped by the divergence guard.
   """
@@ -42,8 +37,7 @@ class BilevelState(NamedTuple):
   hparams: Any
   inner_opt_state: Any
   outer_opt_state: Any
-  adjoint: Any
-  neumann_alpha: jax.Array
+  solver_state: Any
   step: jax.Array
   num_skipped: jax.Array
 
@@ -53,7 +47,7 @@ class BilevelMetrics(NamedTuple):
 
   Attributes:
     inner_loss: mean training loss over the step's inner updates.
-    outer_loss: validation loss on `outer_batch` after the inner updates.
+    outer_loss: validation loss on `outer_args` after the inner updates.
     hypergrad_norm: norm of the hypergradient with respect to the raw hyperparameters.
     residual_norm: relative residual of the linear solve (0 for ``method="unrolled"``).
     solver_steps: iterations of the linear solve (0 for ``method="unrolled"``).
@@ -71,13 +65,21 @@ class BilevelMetrics(NamedTuple):
 
 
 class Bilevel(NamedTuple):
-  """The loop returned by `bilevel`: ``init(params, hparams)``, ``step(state, inner_batches,
-  outer_batch) -> (state, metrics)``, and ``constrain(raw_hparams)``, the hyperparameter
-  values the losses and the inner optimiser see."""
+  """The loop returned by `bilevel`.
+
+  Attributes:
+    init: ``init(params, hparams) -> BilevelState``.
+    step: ``step(state, inner_args, outer_args) -> (state, BilevelMetrics)``.
+    constrain: ``constrain(raw_hparams)``, the values the losses and the inner
+      optimiser see.
+    config: the loop's settings as a JSON-able dict (`ih.fit` refuses to resume a
+      checkpoint written under other settings).
+  """
 
   init: Callable
   step: Callable
   constrain: Callable
+  config: dict
 
 
 def bilevel(
@@ -92,8 +94,6 @@ def bilevel(
   hparam_transform=None,
   optimizer_hparams: tuple[str, ...] = (),
   unroll_steps: int | None = None,
-  refresh_every: int = 10,
-  warm_start: bool = True,
 ) -> Bilevel:
   r"""Alternating bilevel training: `inner_steps` optimiser steps, then one hyper step.
 
@@ -105,29 +105,29 @@ def bilevel(
       - \frac{\partial^2 L_T}{\partial \lambda \partial \theta}^T
         H^{-1} \frac{\partial L_V}{\partial \theta}
 
-  with H and the mixed term on a training minibatch (the last of `inner_batches`) and
-  the direct term on a validation minibatch (`outer_batch`), and update :math:`\lambda`
+  with H and the mixed term on a training minibatch (the last slice of `inner_args`) and
+  the direct term on the validation data (`outer_args`), and update :math:`\lambda`
   with `outer_optimizer`. One `step` is one `jax.lax.scan` of inner updates and one hyper
   update; `jax.jit` it. A hyper step whose hypergradient is not finite, or whose solve
   reports `diverged`, leaves the hyperparameters and outer state unchanged and is
   counted (`BilevelMetrics.skipped`, `num_skipped`).
 
-  For `ih.Neumann` without `alpha`, ``1 / lambda_max`` is estimated by power iteration
-  every `refresh_every` hyper steps and cached in the state; other solvers start from
-  the previous hyper step's adjoint (`warm_start`). With minibatches, or while the
-  curvature grows early in training, a cached step can exceed ``2 / lambda_max`` of a
-  later Hessian; such solves report `diverged`, are skipped, and the step is re-estimated
-  at the next hyper step (lower `refresh_every` or pass ``Neumann(alpha=...)`` if that
-  is common).
+  The solver's state (`ih.Neumann`'s cached ``1 / lambda_max``, renewed every
+  `refresh_every` solves; `ih.CG`'s warm start) is carried in `BilevelState.solver_state`
+  without the loop knowing what it holds. A skipped hyper step resets it to
+  ``solver.init(params)``: with minibatches, or while the curvature grows early in
+  training, a cached Neumann step can exceed ``2 / lambda_max`` of a later Hessian, and
+  the next step then re-estimates it.
 
   Args:
-    inner_loss: ``inner_loss(params, hparams, batch)`` -> scalar training loss.
-    outer_loss: ``outer_loss(params, hparams, batch)`` -> scalar validation loss.
+    inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar training loss.
+    outer_loss: ``outer_loss(params, hparams, *args)`` -> scalar validation loss.
     inner_optimizer: any `optax.GradientTransformation` for the parameters.
     outer_optimizer: any `optax.GradientTransformation` for the raw hyperparameters.
-    inner_steps: inner updates per hyper step; `step`'s `inner_batches` carry a
-      leading axis of this length.
-    solver: linear solver of the implicit hypergradient; `ih.Neumann()` when None.
+    inner_steps: inner updates per hyper step; the leaves of `step`'s `inner_args`
+      carry a leading axis of this length.
+    solver: linear solver of the implicit hypergradient, or a function
+      ``solve(matvec, b) -> x``; `ih.Neumann()` when None.
     method: "implicit", or "unrolled" to differentiate through the last
       `unroll_steps` inner steps for every hyperparameter instead (the baseline).
     hparam_transform: the losses see ``transform(raw)`` while the outer optimiser updates
@@ -138,8 +138,6 @@ def bilevel(
       when the other keys use the implicit method.
     unroll_steps: T, the inner steps differentiated by unrolling (the last T of each
       hyper step; the default is all `inner_steps`).
-    refresh_every: M, hyper steps between estimates of the Neumann step.
-    warm_start: start the solve from the previous adjoint (ignored by `ih.Neumann`).
 
   Returns:
     A `Bilevel` of pure functions.
@@ -148,15 +146,15 @@ def bilevel(
     >>> import jax, jax.numpy as jnp, optax
     >>> import implicit_hyper as ih
     >>> x, y = jnp.eye(4), jnp.arange(4.0)
-    >>> train = lambda w, decay, b: jnp.mean((b[0] @ w - b[1]) ** 2) + decay * w @ w
-    >>> valid = lambda w, decay, b: jnp.mean((b[0] @ w - 0.5 * b[1]) ** 2)
+    >>> train = lambda w, decay, x, y: jnp.mean((x @ w - y) ** 2) + decay * w @ w
+    >>> valid = lambda w, decay, x, y: jnp.mean((x @ w - 0.5 * y) ** 2)
     >>> loop = ih.bilevel(train, valid, optax.sgd(1.0), optax.adam(0.1), inner_steps=10,
     ...                   solver=ih.CG(steps=4), hparam_transform="exp")
     >>> state = loop.init(jnp.zeros(4), jnp.log(0.01))
     >>> step = jax.jit(loop.step)
-    >>> batches = (jnp.stack([x] * 10), jnp.stack([y] * 10))
+    >>> inner_args = (jnp.stack([x] * 10), jnp.stack([y] * 10))
     >>> for _ in range(100):
-    ...   state, metrics = step(state, batches, (x, y))
+    ...   state, metrics = step(state, inner_args, (x, y))
     >>> round(float(loop.constrain(state.hparams)), 2)  # the best decay is 1/4
     0.25
 
@@ -165,16 +163,13 @@ def bilevel(
     Differentiation", AISTATS 2020. https://arxiv.org/abs/1911.02590
   """
   call = "bilevel"
-  _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps, refresh_every)
-  solver = Neumann() if solver is None else solver
-  validation.check_solver(call, solver, symmetric=True)
+  _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps)
+  solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
   for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
     if not (callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None))):
       raise TypeError(f"`{call}({name}=...)` must be an optax.GradientTransformation, got {opt!r}")
   implicit = method == "implicit"
   unroll = 0 if implicit and not optimizer_hparams else (unroll_steps or inner_steps)
-  cache_alpha = implicit and isinstance(solver, Neumann) and solver.alpha is None
-  keep_adjoint = implicit and warm_start and not isinstance(solver, Neumann)
   constrain = transforms.hparam_transformation(hparam_transform)
 
   def split(hparams):
@@ -184,11 +179,11 @@ def bilevel(
     rest = {k: v for k, v in hparams.items() if k not in optimizer_hparams}
     return rest, {k: hparams[k] for k in optimizer_hparams}
 
-  def inner_of_raw(params, raw, batch):
-    return inner_loss(params, split(constrain(raw))[0], batch)
+  def inner_of_raw(params, raw, *args):
+    return inner_loss(params, split(constrain(raw))[0], *args)
 
-  def outer_of_raw(params, raw, batch):
-    return outer_loss(params, split(constrain(raw))[0], batch)
+  def outer_of_raw(params, raw, *args):
+    return outer_loss(params, split(constrain(raw))[0], *args)
 
   def init(params, hparams) -> BilevelState:
     params, hparams = _strongly_typed(params), _strongly_typed(hparams)
@@ -208,50 +203,32 @@ def bilevel(
     if optimizer_hparams:
       unrolled.check_optimizer_hparams(call, inner_state, optimizer_hparams)
       inner_state = unrolled.with_optimizer_hparams(inner_state, opt_hparams)
-    dtype = jnp.result_type(*jax.tree.leaves(params))
     return BilevelState(
       params=params,
       hparams=hparams,
       inner_opt_state=inner_state,
       outer_opt_state=outer_optimizer.init(hparams),
-      adjoint=otu.tree_zeros_like(params) if keep_adjoint else None,
-      neumann_alpha=jnp.full((), jnp.nan, dtype),
+      solver_state=solver.init(params) if implicit else None,
       step=jnp.zeros((), jnp.int32),
       num_skipped=jnp.zeros((), jnp.int32),
     )
 
-  def neumann_alpha(state, params, train_batch):
-    """The cached Neumann step, re-estimated every `refresh_every` hyper steps."""
-
-    def estimate():
-      matvec = operators.hessian_vector_product(inner_of_raw, params, state.hparams, (train_batch,))
-      key = jax.random.fold_in(jax.random.PRNGKey(0), state.step)
-      lam = spectral.max_eigenvalue(matvec, params, num_iters=solver.power_iterations, key=key)
-      lam = lam + solver.ridge
-      good = jnp.isfinite(lam) & (lam > 0)
-      return jnp.where(good, 1.0 / jnp.where(good, lam, 1.0), state.neumann_alpha).astype(
-        state.neumann_alpha.dtype
-      )
-
-    due = (state.step % refresh_every == 0) | ~jnp.isfinite(state.neumann_alpha)
-    return jax.lax.cond(due, estimate, lambda: state.neumann_alpha)
-
-  def step(state: BilevelState, inner_batches, outer_batch):
-    _check_batches(call, inner_batches, inner_steps)
+  def step(state: BilevelState, inner_args, outer_args):
+    _check_args(call, inner_args, outer_args, inner_steps)
     raw = state.hparams
     loss_hparams, opt_hparams = split(constrain(raw))
     opt_state = state.inner_opt_state
     if opt_hparams:
       opt_state = unrolled.with_optimizer_hparams(opt_state, opt_hparams)
-    head = jax.tree.map(lambda b: b[: inner_steps - unroll], inner_batches)
+    head = jax.tree.map(lambda b: b[: inner_steps - unroll], tuple(inner_args))
     params, opt_state, losses = unrolled.inner_updates(
       inner_loss, inner_optimizer, state.params, opt_state, loss_hparams, head
     )
     grads = otu.tree_zeros_like(raw)
     if unroll:
-      tail = jax.tree.map(lambda b: b[inner_steps - unroll :], inner_batches)
+      tail = jax.tree.map(lambda b: b[inner_steps - unroll :], tuple(inner_args))
       objective = unrolled.unrolled_outer_loss(
-        outer_loss, inner_loss, inner_optimizer, params, opt_state, tail, outer_batch
+        inner_loss, outer_loss, inner_optimizer, params, opt_state, tail, outer_args
       )
 
       def unrolled_of_raw(raw):
@@ -265,39 +242,34 @@ def bilevel(
       )(raw)
       losses = jnp.concatenate([losses, tail_losses])
     else:
-      outer_value = outer_of_raw(params, raw, outer_batch)
-    alpha, adjoint = state.neumann_alpha, state.adjoint
+      outer_value = outer_of_raw(params, raw, *outer_args)
+    solver_state = state.solver_state
     info = _base.SolveInfo(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.array(False))
     if implicit:
-      train_batch = jax.tree.map(lambda b: b[-1], inner_batches)
-      step_solver = solver
-      if cache_alpha:
-        alpha = neumann_alpha(state, params, train_batch)
-        step_solver = dataclasses.replace(solver, alpha=alpha)
-      implicit_grads, info, new_adjoint = hypergrad_and_adjoint(
-        outer_of_raw,
+      last_args = jax.tree.map(lambda b: b[-1], tuple(inner_args))
+      implicit_grads, info, solver_state = hypergrad_with_info(
         inner_of_raw,
+        outer_of_raw,
         params,
         raw,
-        inner_args=(train_batch,),
-        outer_args=(outer_batch,),
-        solver=step_solver,
-        init=state.adjoint,
+        inner_args=last_args,
+        outer_args=tuple(outer_args),
+        solver=solver,
+        solver_state=state.solver_state,
       )
       grads = otu.tree_add(grads, implicit_grads)
-      adjoint = new_adjoint if keep_adjoint else None
     skipped = info.diverged | ~_base.tree_all_finite(grads)
     updates, outer_state = outer_optimizer.update(grads, state.outer_opt_state, raw)
-    hparams, outer_state, adjoint = otu.tree_where(
+    # A skipped step may come from what the solver kept (a stale step size): start afresh.
+    fresh = solver.init(params) if implicit else None
+    hparams, outer_state, solver_state = otu.tree_where(
       skipped,
-      (raw, state.outer_opt_state, state.adjoint),
-      (optax.apply_updates(raw, updates), outer_state, adjoint),
+      (raw, state.outer_opt_state, fresh),
+      (optax.apply_updates(raw, updates), outer_state, solver_state),
     )
     num_skipped = state.num_skipped + skipped.astype(jnp.int32)
-    if cache_alpha:  # A skipped step may mean a stale step size: re-estimate it next time.
-      alpha = jnp.where(skipped, jnp.nan, alpha).astype(state.neumann_alpha.dtype)
     new_state = BilevelState(
-      params, hparams, opt_state, outer_state, adjoint, alpha, state.step + 1, num_skipped
+      params, hparams, opt_state, outer_state, solver_state, state.step + 1, num_skipped
     )
     metrics = BilevelMetrics(
       inner_loss=jnp.mean(losses),
@@ -310,14 +282,22 @@ def bilevel(
     )
     return new_state, metrics
 
-  return Bilevel(init, step, constrain)
+  config = {
+    "inner_steps": inner_steps,
+    "method": method,
+    "solver": repr(solver),
+    "hparam_transform": repr(hparam_transform),
+    "optimizer_hparams": list(optimizer_hparams),
+    "unroll_steps": unroll_steps,
+    "inner_optimizer": _optimizer_name(inner_optimizer),
+    "outer_optimizer": _optimizer_name(outer_optimizer),
+  }
+  return Bilevel(init, step, constrain, config)
 
 
-def _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps, refresh_every):
+def _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps):
   """Validates `bilevel`'s static settings."""
-  for name, value in (("inner_steps", inner_steps), ("refresh_every", refresh_every)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"`{call}({name}=...)` must be an int >= 1, got {value!r}.")
+  _base.check_int(call, "inner_steps", inner_steps, minimum=1)
   if method not in METHODS:
     raise ValueError(f"`{call}(method=...)` must be one of {METHODS}, got {method!r}.")
   if not (
@@ -339,12 +319,20 @@ def _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps, 
       )
 
 
-def _check_batches(call, inner_batches, inner_steps):
-  """Raises unless every leaf of `inner_batches` has a leading axis of `inner_steps`."""
-  for path, leaf in jax.tree_util.tree_leaves_with_path(inner_batches):
+def _optimizer_name(optimizer) -> str:
+  """The factory that built an optax transformation (its settings are not recoverable)."""
+  init = getattr(optimizer, "init", None)
+  return getattr(init, "__qualname__", type(optimizer).__name__).split(".<locals>")[0]
+
+
+def _check_args(call, inner_args, outer_args, inner_steps):
+  """Raises unless both are tuples and `inner_args` leaves lead with `inner_steps`."""
+  validation.check_args_tuple("bilevel.step", "inner_args", inner_args)
+  validation.check_args_tuple("bilevel.step", "outer_args", outer_args)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tuple(inner_args)):
     if jnp.ndim(leaf) == 0 or jnp.shape(leaf)[0] != inner_steps:
       raise ValueError(
-        f"`{call}` step: leaf inner_batches{jax.tree_util.keystr(path)} has shape "
+        f"`{call}` step: leaf inner_args{jax.tree_util.keystr(path)} has shape "
         f"{jnp.shape(leaf)}, but needs a leading axis of inner_steps={inner_steps} (one "
         "minibatch per inner update, e.g. stacked with `np.stack`)."
       )

@@ -4,22 +4,22 @@ import jax
 import optax.tree_utils as otu
 
 from implicit_hyper._src import operators
+from implicit_hyper._src import rule
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.neumann import Neumann
 
 
 def hypergrad(
-  outer_loss,
   inner_loss,
+  outer_loss,
   params,
   hparams,
   *,
   inner_args=(),
   outer_args=(),
   solver=None,
-  init=None,
-  return_info=False,
+  on_divergence="warn",
 ):
   r"""The hypergradient of ``outer_loss`` at an approximate inner optimum ``params``.
 
@@ -37,21 +37,20 @@ def hypergrad(
   Compose it with `jax.jit` and `jax.vmap` as usual.
 
   Args:
-    outer_loss: ``outer_loss(params, hparams, *outer_args)`` -> scalar (validation).
     inner_loss: ``inner_loss(params, hparams, *inner_args)`` -> scalar (training).
+    outer_loss: ``outer_loss(params, hparams, *outer_args)`` -> scalar (validation).
     params: the inner parameters at which to evaluate (a pytree).
     hparams: the hyperparameters (a pytree of floating-point arrays).
     inner_args: extra positional arguments of `inner_loss` (e.g. a training batch).
     outer_args: extra positional arguments of `outer_loss` (a validation batch).
-    solver: a linear solver; `ih.Neumann()` when None.
-    init: a starting point for the adjoint solve ``H u = dL_V/d params`` (a warm start
-      for `ih.CG`, e.g. the previous hyper step's adjoint).
-    return_info: also return the solve's `SolveInfo`.
+    solver: a linear solver, or a function ``solve(matvec, b) -> x``; `ih.Neumann()`
+      when None.
+    on_divergence: "warn", "raise" or "ignore" when the solve diverges or the
+      hypergradient is not finite (see `implicit_argmin`); `hypergrad_with_info`
+      returns the `SolveInfo` instead.
 
   Returns:
-    The hypergradient (shaped like ``hparams``); with ``return_info=True``,
-    ``(hypergradient, info)`` where `info` is a `SolveInfo` whose `diverged` also
-    flags a non-finite hypergradient.
+    The hypergradient, shaped like ``hparams``.
 
   Example:
     >>> import jax.numpy as jnp
@@ -60,42 +59,61 @@ def hypergrad(
     >>> outer = lambda w, lam: 0.5 * jnp.sum(w ** 2)
     >>> lam = jnp.array(1.0)
     >>> w_star = jnp.full(3, 1.0 / (1.0 + lam))    # argmin of inner
-    >>> g = ih.hypergrad(outer, inner, w_star, lam, solver=ih.Direct())
+    >>> g = ih.hypergrad(inner, outer, w_star, lam, solver=ih.Direct())
     >>> round(float(g), 6)  # d/dlam of 1.5 / (1 + lam)^2 = -3 / (1 + lam)^3
     -0.375
   """
-  grads, info, _ = hypergrad_and_adjoint(
-    outer_loss,
+  rule.check_policy("hypergrad", on_divergence)
+  grads, info, _ = hypergrad_with_info(
     inner_loss,
+    outer_loss,
     params,
     hparams,
     inner_args=inner_args,
     outer_args=outer_args,
     solver=solver,
-    init=init,
   )
-  return (grads, info) if return_info else grads
+  rule.reporter("hypergrad", on_divergence)(info)
+  return grads
 
 
-def hypergrad_and_adjoint(
-  outer_loss, inner_loss, params, hparams, *, inner_args=(), outer_args=(), solver=None, init=None
+def hypergrad_with_info(
+  inner_loss,
+  outer_loss,
+  params,
+  hparams,
+  *,
+  inner_args=(),
+  outer_args=(),
+  solver=None,
+  solver_state=None,
 ):
-  """`hypergrad` that also returns the adjoint ``u ~ H^{-1} dL_V/d params``.
+  """`hypergrad` that also returns the solve's `SolveInfo` and the solver's new state.
 
-  Returns ``(hypergradient, SolveInfo, u)``; pass `u` as `init` of the next call to
-  warm-start an iterative solver.
+  The adjoint system ``H u = dL_V/d params`` is solved with `solver` from
+  `solver_state` (None: a fresh state; pass the returned one back to reuse what the
+  solver keeps, such as `ih.CG`'s warm start or `ih.Neumann`'s cached step), then
+  one mixed product gives the hypergradient: the two steps that JAX performs when it
+  transposes the rule of `implicit_argmin`, written out so that the diagnostics and the
+  state come back as values (e.g. for `ih.bilevel`'s divergence guard).
+
+  Returns:
+    ``(hypergradient, info, solver_state)``; `info.diverged` also flags a non-finite
+    hypergradient.
   """
   call = "hypergrad"
-  solver = Neumann() if solver is None else solver
-  validation.check_solver(call, solver, symmetric=True)
+  solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
   validation.check_float_tree(call, "hparams", hparams)
   validation.check_float_tree(call, "params", params)
+  validation.check_args_tuple(call, "inner_args", inner_args)
+  validation.check_args_tuple(call, "outer_args", outer_args)
   validation.check_scalar_loss(call, "inner_loss", inner_loss, params, hparams, *inner_args)
   validation.check_scalar_loss(call, "outer_loss", outer_loss, params, hparams, *outer_args)
 
   grad_params, grad_hparams = jax.grad(outer_loss, argnums=(0, 1))(params, hparams, *outer_args)
   matvec = operators.hessian_vector_product(inner_loss, params, hparams, inner_args)
-  u, info = solver.solve(matvec, grad_params, init)
+  u, info, solver_state = solver.solve(matvec, grad_params, solver_state)
   indirect = operators.hparams_vjp(jax.grad(inner_loss), params, hparams, inner_args)(u)
   grads = otu.tree_sub(grad_hparams, indirect)
-  return grads, info._replace(diverged=info.diverged | ~_base.tree_all_finite(grads)), u
+  info = info._replace(diverged=info.diverged | ~_base.tree_all_finite(grads))
+  return grads, info, solver_state

@@ -25,17 +25,20 @@ def hessian_vector_product(loss_fn, params, hparams, args):
   return matvec
 
 
-def jacobian_transpose_product(optimality_fn, params, hparams, args):
-  """Returns ``u -> (dF/d params)^T u`` for a general (non-symmetric) condition F.
+def jacobian_product(optimality_fn, params, hparams, args):
+  """Returns ``v -> dF/d params (params, hparams, *args) @ v`` for a condition F.
 
-  The VJP is linearised once and its residuals reused by every product.
+  For ``F = grad_params L`` this is `hessian_vector_product`, forward-over-reverse.
   """
-  _, vjp = jax.vjp(lambda p: optimality_fn(p, hparams, *args), params)
-  return lambda u: vjp(u)[0]
+
+  def matvec(v):
+    return jax.jvp(lambda p: optimality_fn(p, hparams, *args), (params,), (v,))[1]
+
+  return matvec
 
 
 def mixed_vjp(optimality_fn, params, hparams, args):
-  """Returns ``u -> (dF/d hparams)^T u, (dF/d args)^T u`` at fixed `params`.
+  """Returns ``u -> ((dF/d hparams)^T u, (dF/d args)^T u)`` at fixed `params`.
 
   For ``F = grad_params L`` this is the mixed second derivative
   ``d^2 L / d hparams d params`` applied to u. Integer leaves of `args` (class labels)

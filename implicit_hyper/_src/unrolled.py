@@ -11,27 +11,29 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from implicit_hyper._src import validation
 
-def inner_updates(inner_loss, optimizer, params, opt_state, hparams, batches, *, remat=False):
-  """Runs one optimiser step per leading-axis slice of `batches`, in a `jax.lax.scan`.
+
+def inner_updates(inner_loss, optimizer, params, opt_state, hparams, inner_args, *, remat=False):
+  """Runs one optimiser step per leading-axis slice of `inner_args`, in a `jax.lax.scan`.
 
   Each step is ``params <- params + optimizer.update(grad inner_loss(params, hparams,
-  batch))``. With ``remat=True`` each step is wrapped in `jax.checkpoint`, so reverse mode
+  *args_t))``. With ``remat=True`` each step is wrapped in `jax.checkpoint`, so reverse mode
   stores only the carry of every step and recomputes the rest.
 
   Returns:
     ``(params, opt_state, losses)``; `losses` holds the training loss before each step.
   """
 
-  def one_step(carry, batch):
+  def one_step(carry, args):
     params, opt_state = carry
-    loss, grads = jax.value_and_grad(inner_loss)(params, hparams, batch)
+    loss, grads = jax.value_and_grad(inner_loss)(params, hparams, *args)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return (optax.apply_updates(params, updates), opt_state), loss
 
   if remat:
     one_step = jax.checkpoint(one_step, prevent_cse=False)
-  (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state), batches)
+  (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state), tuple(inner_args))
   return params, opt_state, losses
 
 
@@ -62,11 +64,14 @@ def with_optimizer_hparams(opt_state, values):
   return opt_state._replace(hyperparams=hyperparams)
 
 
-def unrolled_outer_loss(outer_loss, inner_loss, optimizer, params, opt_state, batches, outer_batch):
+def unrolled_outer_loss(
+  inner_loss, outer_loss, optimizer, params, opt_state, inner_args, outer_args
+):
   """The truncated unrolled objective as a function of the hyperparameters.
 
-  Returns ``f(hparams, opt_hparams) -> (outer_loss(params_T, hparams, outer_batch), aux)``
-  where ``params_T`` follows T = ``len(batches)`` rematerialised optimiser steps from
+  Returns ``f(hparams, opt_hparams) -> (outer_loss(params_T, hparams, *outer_args), aux)``
+  where ``params_T`` follows T rematerialised optimiser steps (the leading axis of
+  `inner_args`) from
   `params` (held constant, the truncation), `opt_hparams` (a dict, possibly empty) is
   written into `opt_state` first, and ``aux = (params_T, opt_state_T, losses)``.
   """
@@ -74,22 +79,22 @@ def unrolled_outer_loss(outer_loss, inner_loss, optimizer, params, opt_state, ba
   def objective(hparams, opt_hparams):
     state = with_optimizer_hparams(opt_state, opt_hparams) if opt_hparams else opt_state
     params_t, state_t, losses = inner_updates(
-      inner_loss, optimizer, params, state, hparams, batches, remat=True
+      inner_loss, optimizer, params, state, hparams, inner_args, remat=True
     )
-    return outer_loss(params_t, hparams, outer_batch), (params_t, state_t, losses)
+    return outer_loss(params_t, hparams, *outer_args), (params_t, state_t, losses)
 
   return objective
 
 
 def unrolled_hypergrad(
-  outer_loss,
   inner_loss,
+  outer_loss,
   inner_optimizer,
   params,
   hparams,
   *,
-  inner_batches,
-  outer_batch,
+  inner_args,
+  outer_args=(),
   opt_state=None,
   opt_hparams=None,
 ):
@@ -106,14 +111,15 @@ def unrolled_hypergrad(
   optimiser state are constants (truncated back-propagation).
 
   Args:
-    outer_loss: ``outer_loss(params, hparams, outer_batch)`` -> scalar (validation).
-    inner_loss: ``inner_loss(params, hparams, batch)`` -> scalar (training).
+    inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar (training).
+    outer_loss: ``outer_loss(params, hparams, *outer_args)`` -> scalar (validation).
     inner_optimizer: an `optax.GradientTransformation`; to differentiate its own
       hyperparameters, build it with `optax.inject_hyperparams`.
     params: the starting parameters :math:`\theta_0`.
     hparams: the loss hyperparameters :math:`\lambda`.
-    inner_batches: a pytree whose leaves have a leading axis of length T, one slice per step.
-    outer_batch: the validation batch.
+    inner_args: a tuple of the training loss's extra arguments whose leaves have a
+      leading axis of length T, one slice per step.
+    outer_args: the validation loss's extra arguments (a tuple).
     opt_state: the optimiser state at :math:`\theta_0`; ``inner_optimizer.init(params)``
       when None.
     opt_hparams: a dict of numeric `inject_hyperparams` hyperparameters :math:`\eta` to
@@ -126,10 +132,10 @@ def unrolled_hypergrad(
     >>> import jax.numpy as jnp, optax
     >>> import implicit_hyper as ih
     >>> inner = lambda w, lam, x: 0.5 * jnp.sum((w - x) ** 2)
-    >>> outer = lambda w, lam, x: 0.5 * jnp.sum(w ** 2)
+    >>> outer = lambda w, lam: 0.5 * jnp.sum(w ** 2)
     >>> sgd = optax.inject_hyperparams(optax.sgd)(learning_rate=0.5)
-    >>> _, d_lr = ih.unrolled_hypergrad(outer, inner, sgd, jnp.zeros(1), jnp.zeros(()),
-    ...   inner_batches=jnp.ones((1, 1)), outer_batch=None, opt_hparams={"learning_rate": 0.5})
+    >>> _, d_lr = ih.unrolled_hypergrad(inner, outer, sgd, jnp.zeros(1), jnp.zeros(()),
+    ...   inner_args=(jnp.ones((1, 1)),), opt_hparams={"learning_rate": 0.5})
     >>> float(d_lr["learning_rate"])  # one step: w = lr, outer = lr^2 / 2
     0.5
   """
@@ -137,8 +143,10 @@ def unrolled_hypergrad(
   opt_state = inner_optimizer.init(params) if opt_state is None else opt_state
   if opt_hparams is not None:
     check_optimizer_hparams(call, opt_state, opt_hparams)
+  validation.check_args_tuple(call, "inner_args", inner_args)
+  validation.check_args_tuple(call, "outer_args", outer_args)
   objective = unrolled_outer_loss(
-    outer_loss, inner_loss, inner_optimizer, params, opt_state, inner_batches, outer_batch
+    inner_loss, outer_loss, inner_optimizer, params, opt_state, inner_args, outer_args
   )
   grads, _ = jax.grad(objective, argnums=(0, 1), has_aux=True)(hparams, opt_hparams or {})
   return grads[0], (None if opt_hparams is None else grads[1])

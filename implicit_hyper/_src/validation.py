@@ -1,5 +1,7 @@
 """Checks on user input, made at trace time so errors name the argument at fault."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -35,9 +37,9 @@ def check_same_structure(call: str, name: str, got, expected, expected_name: str
       )
 
 
-def check_scalar_loss(call: str, name: str, loss_fn, *example_args) -> None:
-  """Raises `ValueError` unless `loss_fn(*example_args)` returns a real scalar."""
-  out = jax.eval_shape(loss_fn, *example_args)
+def check_scalar_loss(call: str, name: str, loss_fn, *example_args, **example_kwargs) -> None:
+  """Raises `ValueError` unless `loss_fn(*example_args, **example_kwargs)` is a real scalar."""
+  out = jax.eval_shape(functools.partial(loss_fn, **example_kwargs), *example_args)
   if not (hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)):
     raise ValueError(
       f"`{call}`: `{name}` must return a real scalar, got "
@@ -47,27 +49,10 @@ def check_scalar_loss(call: str, name: str, loss_fn, *example_args) -> None:
     )
 
 
-def check_no_kwargs(call: str, kwargs) -> None:
-  """Raises `TypeError` for keyword arguments, which the custom VJP cannot route."""
-  if kwargs:
+def check_args_tuple(call: str, name: str, args) -> None:
+  """Raises `TypeError` unless `args` is a tuple or list (the extra arguments of a loss)."""
+  if not isinstance(args, (tuple, list)):
     raise TypeError(
-      f"`{call}`: keyword arguments {sorted(kwargs)} cannot be routed through the implicit "
-      "gradient; pass them positionally after `hparams` (arrays), or bind static settings "
-      "with `functools.partial` before decorating."
-    )
-
-
-def check_solver(call: str, solver, *, symmetric: bool) -> None:
-  """Raises when `solver` is not a linear solver, or needs a symmetry the operator lacks."""
-  if not callable(getattr(solver, "solve", None)):
-    raise TypeError(
-      f"`{call}(solver=...)` must have a `solve(matvec, b, init=None)` method, such as "
-      f"`ih.Neumann()`, got {solver!r}."
-    )
-  if not symmetric and getattr(solver, "requires_symmetric", False):
-    raise ValueError(
-      f"`{call}(solver=...)`: {solver!r} needs a symmetric operator, but the Jacobian of a "
-      "general optimality condition need not be symmetric. Use `ih.BiCGStab()`, "
-      "`ih.NormalCG()`, `ih.Direct()` or `ih.Neumann(alpha=...)`, or pass "
-      "`symmetric=True` if dF/dparams is symmetric."
+      f"`{call}({name}=...)` must be a tuple of the loss's extra arguments, got "
+      f"{type(args).__name__}. For a single array `x`, pass `{name}=(x,)`."
     )

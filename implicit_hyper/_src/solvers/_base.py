@@ -1,7 +1,19 @@
-"""What every linear solver shares: `SolveInfo`, the solver base class, operator helpers."""
+"""What every linear solver shares: `SolveInfo`, the solver protocol, operator helpers.
+
+A solver is a small immutable pytree. Its settings are static fields; array fields (a
+step size, a ridge) may be traced, so a solver can cross `jax.jit` boundaries. It keeps
+whatever it carries between solves (a cached step size, a warm start, a preconditioner)
+in a state of its own, threaded by the caller without looking inside:
+
+    state = solver.init(like)                    # for right-hand sides shaped like `like`
+    x, info, state = solver.solve(matvec, b, state)
+
+``state=None`` means a fresh state: the solver computes whatever it caches.
+"""
 
 import dataclasses
 import functools
+import numbers
 from collections.abc import Callable
 from typing import Any
 from typing import ClassVar
@@ -9,6 +21,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax.tree_utils as otu
 
 Matvec = Callable[[Any], Any]
@@ -33,18 +46,45 @@ class SolveInfo(NamedTuple):
   diverged: jax.Array
 
 
+def solver_pytree(*, data: tuple[str, ...] = ("ridge",)):
+  """Class decorator: a frozen keyword-only dataclass registered as a pytree.
+
+  The fields named in `data` are pytree children (arrays that may be traced); every other
+  field is static and must be hashable.
+  """
+
+  def register(cls):
+    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    data_fields = [n for n in names if n in data]
+    meta_fields = [n for n in names if n not in data]
+    return jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
+
+  return register
+
+
+def check_int(call: str, name: str, value, *, minimum: int) -> None:
+  """Raises unless `value` is an integer (not a bool) of at least `minimum`."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+    raise ValueError(f"`{call}({name}=...)` must be an int >= {minimum}, got {value!r}.")
+
+
 def check_nonnegative(call: str, name: str, value) -> None:
-  """Raises when a concrete `value` is negative; traced values are left to `SolveInfo`."""
-  if isinstance(value, (int, float)) and value < 0:
-    raise ValueError(f"`{call}({name}=...)` must be non-negative, got {value!r}.")
+  """Raises when a concrete `value` is negative or NaN; traced values are left to `SolveInfo`."""
+  if isinstance(value, (bool, np.bool_)):
+    raise ValueError(f"`{call}({name}=...)` must be a non-negative number, got {value!r}.")
+  if isinstance(value, numbers.Real) and not value >= 0:
+    raise ValueError(f"`{call}({name}=...)` must be a non-negative number, got {value!r}.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LinearSolver:
   """Base class: solves ``(A + ridge * I) x = b`` on pytrees given ``matvec(x) = A x``.
 
-  Subclasses implement `_solve(matvec, b, init)`; `solve` adds the ridge term.
-  `requires_symmetric` says whether the method is only valid for a symmetric A.
+  Subclasses are decorated with `solver_pytree` and implement ``compute(matvec, b,
+  state) -> (x, SolveInfo, state)`` on the operator with the ridge already added, and
+  `init` if they keep a state. `requires_symmetric` says whether the method is only
+  valid for a symmetric A.
   """
 
   ridge: float = 0.0
@@ -53,18 +93,27 @@ class LinearSolver:
   def __post_init__(self):
     check_nonnegative(type(self).__name__, "ridge", self.ridge)
 
-  def solve(self, matvec: Matvec, b, init=None) -> tuple[Any, SolveInfo]:
-    """Approximately solves ``(A + ridge * I) x = b``; returns ``(x, SolveInfo)``."""
-    if not (isinstance(self.ridge, (int, float)) and self.ridge == 0):
-      matvec = with_ridge(matvec, self.ridge)
-    return self._solve(matvec, b, init)
+  def init(self, like) -> Any:
+    """The state before any solve, for right-hand sides shaped like `like` (None here)."""
+    del like
+    return None
 
-  def _solve(self, matvec: Matvec, b, init) -> tuple[Any, SolveInfo]:
+  def solve(self, matvec: Matvec, b, state=None) -> tuple[Any, SolveInfo, Any]:
+    """Approximately solves ``(A + ridge * I) x = b``; returns ``(x, SolveInfo, state)``."""
+    return self.compute(with_ridge(matvec, self.ridge), b, state)
+
+  def compute(self, matvec: Matvec, b, state) -> tuple[Any, SolveInfo, Any]:
     raise NotImplementedError
+
+  def for_fixed_point(self) -> "LinearSolver":
+    """This solver configured for ``(I - J) u = v`` with J a contraction (here: unchanged)."""
+    return self
 
 
 def with_ridge(matvec: Matvec, ridge) -> Matvec:
-  """Returns ``x -> matvec(x) + ridge * x``."""
+  """Returns ``x -> matvec(x) + ridge * x`` (`matvec` itself for a Python zero)."""
+  if isinstance(ridge, numbers.Real) and ridge == 0:
+    return matvec
   return lambda x: otu.tree_add_scale(matvec(x), ridge, x)
 
 
@@ -95,3 +144,41 @@ def make_info(x, residual, b, num_steps, extra_failure=False) -> SolveInfo:
 def residual(matvec: Matvec, x, b):
   """``b - A x``."""
   return otu.tree_sub(b, matvec(x))
+
+
+def tree_dtype(tree):
+  """The widest floating dtype among the leaves of `tree` (float32 for none)."""
+  dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)]
+  return jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
+
+
+def as_solver(call: str, solver, default, *, symmetric: bool):
+  """`solver` as an object with `init` and `solve`; raises naming `call` when it is not one.
+
+  None gives `default`. A plain function ``solve(matvec, b) -> x`` (jaxopt's
+  ``linear_solve.solve_cg`` and friends) is wrapped in `FunctionSolver`.
+  """
+  from implicit_hyper._src.solvers.function import FunctionSolver
+
+  if solver is None:
+    solver = default
+  if isinstance(solver, type):
+    raise TypeError(
+      f"`{call}(solver=...)` must be a solver instance, got the class {solver.__name__}; "
+      f"call it: `solver={solver.__name__}()`."
+    )
+  if not (callable(getattr(solver, "solve", None)) and callable(getattr(solver, "init", None))):
+    if not callable(solver):
+      raise TypeError(
+        f"`{call}(solver=...)` must be a linear solver such as `ih.Neumann()` (with `init` "
+        f"and `solve` methods) or a function `solve(matvec, b) -> x`, got {solver!r}."
+      )
+    solver = FunctionSolver(fn=solver)
+  if not symmetric and getattr(solver, "requires_symmetric", False):
+    raise ValueError(
+      f"`{call}(solver=...)`: {solver!r} needs a symmetric operator, but the Jacobian of a "
+      "general optimality condition need not be symmetric. Use `ih.BiCGStab()`, "
+      "`ih.NormalCG()`, `ih.Direct()` or `ih.Neumann(alpha=...)`, or pass "
+      "`symmetric=True` if dF/dparams is symmetric."
+    )
+  return solver

@@ -1,7 +1,5 @@
 """BiCGStab: a Krylov solver for non-symmetric operators."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
@@ -15,7 +13,7 @@ def _ratio(num, den):
   return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_base.solver_pytree()
 class BiCGStab(_base.LinearSolver):
   """Biconjugate gradient stabilised (van der Vorst, 1992) for any invertible A.
 
@@ -31,7 +29,7 @@ class BiCGStab(_base.LinearSolver):
   Example:
     >>> import jax.numpy as jnp
     >>> a = jnp.array([[2.0, 1.0], [0.0, 1.0]])
-    >>> x, _ = BiCGStab(steps=4).solve(lambda v: a @ v, jnp.array([3.0, 1.0]))
+    >>> x, _, _ = BiCGStab(steps=4).solve(lambda v: a @ v, jnp.array([3.0, 1.0]))
     >>> x.round(6).tolist()
     [1.0, 1.0]
 
@@ -47,9 +45,9 @@ class BiCGStab(_base.LinearSolver):
     super().__post_init__()
     cg.check_iteration_settings("BiCGStab", self.steps, self.tol)
 
-  def _solve(self, matvec, b, init):
-    x = otu.tree_zeros_like(b) if init is None else init
-    r = _base.residual(matvec, x, b) if init is not None else b
+  def compute(self, matvec, b, state):
+    del state
+    x, r = otu.tree_zeros_like(b), b
     shadow = r
     threshold = self.tol * otu.tree_norm(b)
     one = jnp.ones((), otu.tree_dtype(b, "highest"))
@@ -80,4 +78,4 @@ class BiCGStab(_base.LinearSolver):
 
     final = jax.lax.while_loop(keep_going, iteration, state)
     x, k, broke = final[0], final[7], final[8]
-    return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke)
+    return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke), None

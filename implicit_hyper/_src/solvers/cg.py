@@ -1,7 +1,5 @@
 """Conjugate gradient, as iMAML uses for the inverse-Hessian-vector product."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
@@ -11,8 +9,7 @@ from implicit_hyper._src.solvers import _base
 
 def check_iteration_settings(call: str, steps, tol) -> None:
   """Validates the `steps` and `tol` settings shared by the Krylov solvers."""
-  if not isinstance(steps, int) or steps < 0:
-    raise ValueError(f"`{call}(steps=...)` must be an int >= 0, got {steps!r}.")
+  _base.check_int(call, "steps", steps, minimum=0)
   _base.check_nonnegative(call, "tol", tol)
 
 
@@ -48,7 +45,7 @@ def conjugate_gradient(matvec, b, init, *, steps: int, tol: float):
   return x, _base.make_info(x, r, b, k, extra_failure=broke)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_base.solver_pytree()
 class CG(_base.LinearSolver):
   """Conjugate gradient for symmetric positive-definite A (Hestenes & Stiefel, 1952).
 
@@ -60,11 +57,13 @@ class CG(_base.LinearSolver):
   Args:
     steps: the most iterations to run.
     tol: stop once ``||A x - b|| <= tol ||b||``.
+    warm_start: start from the previous solution kept in the state (the state is that
+      solution; a fresh state starts from zero).
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> x, info = CG(steps=3).solve(lambda v: jnp.array([1.0, 2.0, 4.0]) * v, jnp.ones(3))
+    >>> x, info, _ = CG(steps=3).solve(lambda v: jnp.array([1.0, 2.0, 4.0]) * v, jnp.ones(3))
     >>> x.round(6).tolist(), int(info.num_steps)
     ([1.0, 0.5, 0.25], 3)
 
@@ -75,11 +74,16 @@ class CG(_base.LinearSolver):
 
   steps: int = 20
   tol: float = 1e-10
+  warm_start: bool = True
   requires_symmetric = True
 
   def __post_init__(self):
     super().__post_init__()
     check_iteration_settings("CG", self.steps, self.tol)
 
-  def _solve(self, matvec, b, init):
-    return conjugate_gradient(matvec, b, init, steps=self.steps, tol=self.tol)
+  def init(self, like):
+    return otu.tree_zeros_like(like) if self.warm_start else None
+
+  def compute(self, matvec, b, state):
+    x, info = conjugate_gradient(matvec, b, state, steps=self.steps, tol=self.tol)
+    return x, info, (x if self.warm_start else None)

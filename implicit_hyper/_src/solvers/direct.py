@@ -1,7 +1,5 @@
 """Exact solve by materialising the operator: for small problems and tests."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
@@ -9,7 +7,7 @@ from jax.flatten_util import ravel_pytree
 from implicit_hyper._src.solvers import _base
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_base.solver_pytree()
 class Direct(_base.LinearSolver):
   """Builds the dense matrix of A with n products (`jax.jacfwd`) and solves by LU.
 
@@ -22,15 +20,14 @@ class Direct(_base.LinearSolver):
 
   Example:
     >>> import jax.numpy as jnp
-    >>> x, _ = Direct().solve(lambda v: jnp.array([[2.0, 1.0], [0.0, 1.0]]) @ v,
+    >>> x, _, _ = Direct().solve(lambda v: jnp.array([[2.0, 1.0], [0.0, 1.0]]) @ v,
     ...                       jnp.array([3.0, 1.0]))
     >>> x.tolist()
     [1.0, 1.0]
   """
 
-  def _solve(self, matvec, b, init):
-    del init
+  def compute(self, matvec, b, state):
     flat_b, unravel = ravel_pytree(b)
     matrix = jax.jacfwd(lambda v: ravel_pytree(matvec(unravel(v)))[0])(flat_b)
     x = unravel(jnp.linalg.solve(matrix, flat_b))
-    return x, _base.make_info(x, _base.residual(matvec, x, b), b, flat_b.size)
+    return x, _base.make_info(x, _base.residual(matvec, x, b), b, flat_b.size), state

@@ -1,13 +1,11 @@
 """The zero-term approximation ``A^{-1} ~ I``."""
 
-import dataclasses
-
 import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_base.solver_pytree(data=("ridge", "scale"))
 class Identity(_base.LinearSolver):
   """Approximates ``A^{-1} b`` by ``scale * b``.
 
@@ -22,15 +20,14 @@ class Identity(_base.LinearSolver):
 
   Example:
     >>> import jax.numpy as jnp
-    >>> x, _ = Identity().solve(lambda v: 2.0 * v, jnp.ones(2))
+    >>> x, _, _ = Identity().solve(lambda v: 2.0 * v, jnp.ones(2))
     >>> x.tolist()
     [1.0, 1.0]
   """
 
   scale: float = 1.0
 
-  def _solve(self, matvec, b, init):
-    del init
+  def compute(self, matvec, b, state):
     x = otu.tree_scale(self.scale, b)
     info = _base.make_info(x, _base.residual(matvec, x, b), b, 0)
-    return x, info._replace(diverged=~_base.tree_all_finite(x))
+    return x, info._replace(diverged=~_base.tree_all_finite(x)), state

@@ -1,6 +1,7 @@
 """Truncated Neumann series (Lorraine, Vicol & Duvenaud, AISTATS 2020, Algorithm 3)."""
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,21 @@ from implicit_hyper._src import spectral
 from implicit_hyper._src.solvers import _base
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+class NeumannState(NamedTuple):
+  """The cached step of `Neumann(alpha=None)`.
+
+  Attributes:
+    alpha: ``1 / lambda_max`` from the last estimate; NaN until the first.
+    age: solves since that estimate.
+    count: solves so far (seeds the next estimate's start vector).
+  """
+
+  alpha: jax.Array
+  age: jax.Array
+  count: jax.Array
+
+
+@_base.solver_pytree(data=("ridge", "alpha"))
 class Neumann(_base.LinearSolver):
   r"""Truncated Neumann series for ``A^{-1} b``.
 
@@ -23,19 +38,23 @@ class Neumann(_base.LinearSolver):
   below one: for symmetric A, iff A is positive definite and ``\alpha \lambda_max < 2``.
 
   Differentiating K steps of gradient descent with step size ``alpha`` started at the
-  optimum gives exactly this K-term series (Lorraine et al., Theorem 1).
+  optimum gives exactly this K-term series (Lorraine et al., Theorem 1). On a fixed
+  point ``theta = T(theta)`` (`ih.implicit_fixed_point`) the step defaults to 1: the
+  plain series ``sum_k J_T^k v``.
 
   Args:
     steps: K, the number of terms and of matrix-vector products (>= 0).
     alpha: the step ``alpha > 0``. None estimates ``lambda_max`` of A by power
-      iteration (`power_iterations` + 1 extra products) and uses ``1 / lambda_max``.
-      May be a traced array (e.g. an estimate cached in a training state).
-    power_iterations: power-iteration steps used when ``alpha`` is None.
+      iteration (`estimate_steps` + 1 extra products) and uses ``1 / lambda_max``; the
+      estimate is kept in the solver state and renewed every `refresh_every` solves.
+      May be a traced array.
+    estimate_steps: power-iteration steps of the estimate when ``alpha`` is None.
+    refresh_every: solves between estimates when the state is carried (`ih.bilevel`).
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
     >>> import jax.numpy as jnp
-    >>> x, info = Neumann(steps=60, alpha=0.5).solve(lambda v: 2.0 * v, jnp.ones(3))
+    >>> x, info, _ = Neumann(steps=60, alpha=0.5).solve(lambda v: 2.0 * v, jnp.ones(3))
     >>> x.round(6).tolist(), bool(info.diverged)
     ([0.5, 0.5, 0.5], False)
 
@@ -46,15 +65,17 @@ class Neumann(_base.LinearSolver):
 
   steps: int = 20
   alpha: float | jax.Array | None = None
-  power_iterations: int = 20
+  estimate_steps: int = 20
+  refresh_every: int = 10
 
   def __post_init__(self):
     super().__post_init__()
-    for name in ("steps", "power_iterations"):
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 0:
-        raise ValueError(f"`Neumann({name}=...)` must be an int >= 0, got {value!r}.")
-    if isinstance(self.alpha, (int, float)) and not self.alpha > 0:
+    _base.check_int("Neumann", "steps", self.steps, minimum=0)
+    _base.check_int("Neumann", "estimate_steps", self.estimate_steps, minimum=0)
+    _base.check_int("Neumann", "refresh_every", self.refresh_every, minimum=1)
+    if isinstance(self.alpha, bool) or (
+      isinstance(self.alpha, (int, float)) and not self.alpha > 0
+    ):
       raise ValueError(f"`Neumann(alpha=...)` must be positive, got {self.alpha!r}.")
 
   @property
@@ -62,16 +83,41 @@ class Neumann(_base.LinearSolver):
     """Power iteration estimates the step only for symmetric operators."""
     return self.alpha is None
 
-  def step_size(self, matvec, b) -> jax.Array:
-    """The alpha this solver uses on ``matvec``: given, or ``1 / lambda_max``."""
-    if self.alpha is not None:
-      return jnp.asarray(self.alpha)
-    lam = spectral.max_eigenvalue(matvec, b, num_iters=self.power_iterations)
-    return 1.0 / jnp.where(lam > 0, lam, 1.0)
+  def for_fixed_point(self) -> "Neumann":
+    """Step 1 on ``I - J``: the series ``sum_k J^k``."""
+    return self if self.alpha is not None else dataclasses.replace(self, alpha=1.0)
 
-  def _solve(self, matvec, b, init):
-    del init  # The series always starts from the right-hand side.
-    alpha = self.step_size(matvec, b)
+  def init(self, like) -> NeumannState | None:
+    if self.alpha is not None:
+      return None
+    zero = jnp.zeros((), jnp.int32)
+    return NeumannState(jnp.full((), jnp.nan, _base.tree_dtype(like)), zero, zero)
+
+  def estimate_step(self, matvec, like, key=None) -> jax.Array:
+    """``1 / lambda_max`` of ``matvec`` by power iteration (1 when not positive)."""
+    lam = spectral.max_eigenvalue(matvec, like, steps=self.estimate_steps, key=key)
+    good = jnp.isfinite(lam) & (lam > 0)
+    return 1.0 / jnp.where(good, lam, 1.0)
+
+  def step_size(self, matvec, b, state):
+    """The step used on ``matvec`` and the state after it."""
+    if self.alpha is not None:
+      return jnp.asarray(self.alpha), state
+    if state is None:
+      alpha = self.estimate_step(matvec, b)
+      one = jnp.ones((), jnp.int32)
+      return alpha, NeumannState(alpha.astype(_base.tree_dtype(b)), one, one)
+
+    def estimate():
+      key = jax.random.fold_in(jax.random.PRNGKey(0), state.count)
+      return self.estimate_step(matvec, b, key).astype(state.alpha.dtype), jnp.zeros_like(state.age)
+
+    due = ~jnp.isfinite(state.alpha) | (state.age >= self.refresh_every)
+    alpha, age = jax.lax.cond(due, estimate, lambda: (state.alpha, state.age))
+    return alpha, NeumannState(alpha, age + 1, state.count + 1)
+
+  def compute(self, matvec, b, state):
+    alpha, state = self.step_size(matvec, b, state)
 
     def term(_, carry):
       x, p = carry
@@ -80,4 +126,4 @@ class Neumann(_base.LinearSolver):
       return x, p
 
     x, p = jax.lax.fori_loop(0, self.steps, term, (otu.tree_zeros_like(b), b))
-    return x, _base.make_info(x, p, b, self.steps)
+    return x, _base.make_info(x, p, b, self.steps), state

@@ -1,14 +1,12 @@
 """Conjugate gradient on the normal equations, for non-symmetric operators."""
 
-import dataclasses
-
 import jax
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import cg
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
+@_base.solver_pytree()
 class NormalCG(_base.LinearSolver):
   """Solves ``A x = b`` for any invertible A by CG on ``A^T A x = A^T b``.
 
@@ -24,7 +22,7 @@ class NormalCG(_base.LinearSolver):
   Example:
     >>> import jax.numpy as jnp
     >>> a = jnp.array([[2.0, 1.0], [0.0, 1.0]])
-    >>> x, _ = NormalCG(steps=2).solve(lambda v: a @ v, jnp.array([3.0, 1.0]))
+    >>> x, _, _ = NormalCG(steps=2).solve(lambda v: a @ v, jnp.array([3.0, 1.0]))
     >>> x.round(6).tolist()
     [1.0, 1.0]
   """
@@ -36,7 +34,8 @@ class NormalCG(_base.LinearSolver):
     super().__post_init__()
     cg.check_iteration_settings("NormalCG", self.steps, self.tol)
 
-  def _solve(self, matvec, b, init):
+  def compute(self, matvec, b, state):
+    del state
     rmatvec = jax.linear_transpose(matvec, b)
 
     def normal_matvec(v):
@@ -44,5 +43,6 @@ class NormalCG(_base.LinearSolver):
       return out
 
     (rhs,) = rmatvec(b)
-    x, info = cg.conjugate_gradient(normal_matvec, rhs, init, steps=self.steps, tol=self.tol)
-    return x, _base.make_info(x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged)
+    x, info = cg.conjugate_gradient(normal_matvec, rhs, None, steps=self.steps, tol=self.tol)
+    info = _base.make_info(x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged)
+    return x, info, None

@@ -1,0 +1,150 @@
+r"""The one differentiation rule of the implicit function theorem, for every mode.
+
+For a solution ``theta*`` of ``F(theta, hparams, *args) = 0`` the theorem gives the tangent
+
+.. math::
+  \dot\theta = -A^{-1} \left(\frac{\partial F}{\partial \lambda} \dot\lambda
+    + \frac{\partial F}{\partial x} \dot x\right), \qquad A = \frac{\partial F}{\partial \theta},
+
+written here as a `jax.custom_jvp` whose linear solve is `jax.lax.custom_linear_solve`
+with the chosen solver as `solve` and `transpose_solve` (the design optimistix uses).
+Reverse mode comes from JAX transposing that rule: the transposed solve is the adjoint
+system ``A^T u = v`` and the transposed right-hand side is the mixed product
+``-(dF/d(hparams, args))^T u``. Forward mode (`jax.jvp`, `jax.jacfwd`) uses it as it
+is, and second derivatives (`jax.hessian`) differentiate the rule itself, never the
+inner solver, whose output enters with its own derivative stopped.
+"""
+
+import functools
+import numbers
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax.tree_utils as otu
+from jax.custom_derivatives import SymbolicZero
+
+from implicit_hyper._src import operators
+
+DIVERGENCE_POLICIES = ("warn", "raise", "ignore")
+
+
+class HypergradientWarning(RuntimeWarning):
+  """Issued when the linear solve behind a hypergradient diverged or is not finite."""
+
+
+class HypergradientError(FloatingPointError):
+  """Raised by the ``"raise"`` policy when the linear solve behind a hypergradient failed."""
+
+
+def implicit_solution(condition, params, hparams, args, *, solver, symmetric, report):
+  """Returns `params` carrying the derivatives of the implicit function theorem.
+
+  Args:
+    condition: ``F(params, hparams, *args)``, a pytree shaped like `params`; must close
+      over no tracer (closure-convert it first).
+    params: the solution ``theta*`` (its own derivative is ignored).
+    hparams: a pytree of floating-point arrays.
+    args: a tuple of arrays (floating ones get derivatives, integer ones none).
+    solver: a linear solver (`init` / `solve`).
+    symmetric: whether ``dF/dparams`` is symmetric (then the transposed solve reuses
+      `matvec`).
+    report: ``report(info)``, called (traced) with every solve's `SolveInfo`.
+  """
+
+  def solve(matvec, b):
+    x, info, _ = solver.solve(matvec, b)
+    report(info)
+    return x
+
+  @jax.custom_jvp
+  def solution(params, hparams, args):
+    return params
+
+  def solution_jvp(primals, tangents):
+    params, hparams, args = primals
+    _, hparams_dot, args_dot = tangents
+    # The solution again through this rule, so that differentiating the rule itself
+    # (second derivatives) sees theta* move with hparams by the theorem.
+    params = solution(params, hparams, args)
+    leaves, treedef = jax.tree.flatten((hparams, args))
+    dots = treedef.flatten_up_to((hparams_dot, args_dot))
+    moving = [i for i, dot in enumerate(dots) if not isinstance(dot, SymbolicZero)]
+
+    def condition_of_moving(*values):
+      merged = list(leaves)
+      for i, value in zip(moving, values, strict=True):
+        merged[i] = value
+      h, a = jax.tree.unflatten(treedef, merged)
+      return condition(params, h, *a)
+
+    _, rhs = jax.jvp(
+      condition_of_moving, tuple(leaves[i] for i in moving), tuple(dots[i] for i in moving)
+    )
+    matvec = operators.jacobian_product(condition, params, hparams, args)
+    params_dot = jax.lax.custom_linear_solve(
+      matvec, otu.tree_scale(-1.0, rhs), solve, transpose_solve=solve, symmetric=symmetric
+    )
+    return params, params_dot
+
+  solution.defjvp(solution_jvp, symbolic_zeros=True)
+  return solution(jax.lax.stop_gradient(params), hparams, tuple(args))
+
+
+def check_policy(call: str, policy) -> None:
+  """Raises unless `policy` is one of `DIVERGENCE_POLICIES`."""
+  if policy not in DIVERGENCE_POLICIES:
+    raise ValueError(
+      f"`{call}(on_divergence=...)` must be one of {DIVERGENCE_POLICIES}, got {policy!r}."
+    )
+
+
+def reporter(call: str, policy: str):
+  """``report(info)`` acting on a traced `SolveInfo` by `policy`, through a host callback."""
+  if policy == "ignore":
+    return lambda info: None
+  act = _raise_if_diverged if policy == "raise" else _warn_if_diverged
+
+  def report(info):
+    jax.debug.callback(functools.partial(act, call), info.diverged, info.residual_norm)
+
+  return report
+
+
+def _message(call, residual_norm):
+  return (
+    f"{call}: the linear solve behind the hypergradient diverged or is not finite "
+    f"(relative residual {np.max(residual_norm):.3g}); the hypergradient is not to be "
+    "trusted. Remedies: a smaller Neumann alpha, a `ridge`, `ih.CG`, or solving the "
+    "inner problem closer to a minimum (the Hessian must be positive definite)."
+  )
+
+
+def _warn_if_diverged(call, diverged, residual_norm):
+  if np.any(diverged):
+    warnings.warn(_message(call, residual_norm), HypergradientWarning, stacklevel=2)
+
+
+def _raise_if_diverged(call, diverged, residual_norm):
+  if np.any(diverged):
+    raise HypergradientError(_message(call, residual_norm))
+
+
+def is_array(x) -> bool:
+  """Whether a leaf is an array (differentiable input) rather than a static setting."""
+  return isinstance(x, (jax.Array, np.ndarray, np.generic)) or (
+    isinstance(x, numbers.Number) and not isinstance(x, (bool, int))
+  )
+
+
+def stop_gradient_arrays(tree):
+  """`jax.lax.stop_gradient` on the array leaves of `tree`; other leaves as they are."""
+  return jax.tree.map(lambda x: jax.lax.stop_gradient(x) if is_array(x) else x, tree)
+
+
+def zero_like(x):
+  """A zero of `x`'s dtype and shape (float0 for integer arrays)."""
+  if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+    return jnp.zeros_like(x)
+  return np.zeros(jnp.shape(x), jax.dtypes.float0)
