@@ -16,12 +16,14 @@ The script prints the device count and the throughput and writes metrics.json to
 import json
 import time
 
-import common
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from ih_examples import cli
+from ih_examples import datasets
+from ih_examples import splits
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -72,7 +74,7 @@ def val_loss(params, decay, batch):
 
 
 def main(argv=None):
-  parser = common.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
+  parser = cli.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
   parser.add_argument("--per-device-batch", type=int, default=32, help="rows per device")
   parser.add_argument("--hidden", type=int, default=128, help="hidden units")
   parser.add_argument("--learning-rate", type=float, default=0.3, help="SGD step on the weights")
@@ -91,13 +93,13 @@ def main(argv=None):
   print(f"devices: {len(devices)} x {devices[0].device_kind} ({devices[0].platform})")
   print(f"global batch: {global_batch} rows ({args.per_device_batch} per device)")
 
-  data = common.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+  data = datasets.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
   n_train = n_val = max(global_batch, 500 if args.quick else len(data.x) // 3)
-  (x_train, y_train), (x_val, y_val), (x_test, y_test) = common.split(
+  (x_train, y_train), (x_val, y_val), (x_test, y_test) = splits.split(
     data, (n_train, n_val, None), seed=args.seed
   )
-  train_batches = common.batches(x_train, y_train, global_batch, seed=args.seed)
-  val_batches = common.batches(x_val, y_val, global_batch, seed=args.seed + 1)
+  train_batches = splits.batches(x_train, y_train, global_batch, seed=args.seed)
+  val_batches = splits.batches(x_val, y_val, global_batch, seed=args.seed + 1)
 
   sizes = (int(np.prod(x_train.shape[1:])), args.hidden, data.num_classes)
   loop = ih.bilevel(

@@ -21,7 +21,6 @@ tanh units), 500 full-batch Adam steps from one fixed seeded initialisation.
 import functools
 import time
 
-import common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -29,6 +28,11 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from ih_examples import cli
+from ih_examples import datasets
+from ih_examples import models
+from ih_examples import plots
+from ih_examples import splits
 
 import implicit_hyper as ih
 
@@ -36,7 +40,7 @@ DIGITS_TEST_SIZE = 597  # digits has no official split: 1,200 training and 597 t
 
 
 def parse_args(argv=None):
-  parser = common.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
+  parser = cli.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
   parser.add_argument("--model", default="logreg", choices=("logreg", "mlp"))
   parser.add_argument("--steps", type=int, default=None, help="outer Adam steps")
   parser.add_argument("--lr", type=float, default=0.03, help="outer Adam learning rate")
@@ -51,9 +55,9 @@ def parse_args(argv=None):
 
 def load(args):
   """Return (x_train, y_train, x_test, y_test) as float32 images and int32 labels."""
-  data = common.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+  data = datasets.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
   if data.num_train is None:
-    (x_train, y_train), (x_test, y_test) = common.split(data, (None, DIGITS_TEST_SIZE), seed=0)
+    (x_train, y_train), (x_test, y_test) = splits.split(data, (None, DIGITS_TEST_SIZE), seed=0)
   else:
     x_train, y_train = data.x[: data.num_train], data.y[: data.num_train]
     x_test, y_test = data.x[data.num_train :], data.y[data.num_train :]
@@ -74,7 +78,7 @@ class Distiller:
   def __init__(self, model_name, image_shape, *, l2, seed=0):
     self.convex = model_name == "logreg"
     hidden = () if self.convex else (64,)
-    self.model = common.MLP(hidden=hidden, outputs=10, activation=nn.tanh)
+    self.model = models.MLP(hidden=hidden, outputs=10, activation=nn.tanh)
     self.init_params = self.model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)))
     if self.convex:
       self.init_params = otu.tree_zeros_like(self.init_params)
@@ -160,9 +164,9 @@ def distill(distiller, images, x_train, y_train, args):
   opt_state = optimiser.init(images)
   params = jax.jit(distiller.train_from_scratch)(images, labels)
   batch_size = min(args.batch_size, len(x_train))
-  stream = common.batches(x_train, y_train, batch_size, seed=args.seed)
+  stream = splits.batches(x_train, y_train, batch_size, seed=args.seed)
   losses = []
-  for _, (x, y) in zip(common.progress(range(args.steps), desc="distilling"), stream, strict=False):
+  for _, (x, y) in zip(cli.progress(range(args.steps), desc="distilling"), stream, strict=False):
     images, opt_state, params, loss = step(images, opt_state, params, x, y)
     losses.append(float(loss))
   return images, losses
@@ -185,7 +189,7 @@ def plot_losses(losses, path):
   ax.set_ylabel("training cross-entropy")
   ax.set_xscale("log")
   ax.set_title("Outer loss of the model trained on the 10 images")
-  return common.save_figure(fig, path)
+  return plots.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -220,8 +224,8 @@ def main(argv=None):
     "seconds": time.perf_counter() - start,
   }
   out = args.out
-  common.save_metrics(out, metrics)
-  common.image_grid(
+  cli.save_metrics(out, metrics)
+  plots.image_grid(
     np.concatenate([np.asarray(images), class_means]),
     out / "distilled_images.png",
     titles=[f"distilled {c}" for c in range(10)] + [f"mean {c}" for c in range(10)],
@@ -229,7 +233,7 @@ def main(argv=None):
     f"above class means ({class_mean_acc:.3f})",
   )
   plot_losses(losses, out / "outer_loss.png")
-  common.print_summary(
+  cli.print_summary(
     f"Dataset distillation on {args.dataset} ({args.model}, {args.steps} outer steps, "
     f"{metrics['seconds']:.0f} s)",
     ("10 training images", "test accuracy"),

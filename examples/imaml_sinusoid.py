@@ -24,13 +24,15 @@ import time
 import warnings
 from typing import NamedTuple
 
-import common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from ih_examples import cli
+from ih_examples import models
+from ih_examples import plots
 
 import implicit_hyper as ih
 
@@ -42,7 +44,7 @@ CHUNK = 100  # meta steps per jitted call
 
 
 def parse_args(argv=None):
-  parser = common.common_args(
+  parser = cli.common_args(
     __doc__.splitlines()[0], default_dataset="sinusoid", datasets=("sinusoid",)
   )
   parser.add_argument("--meta-steps", type=int, default=None, help="outer Adam steps")
@@ -106,7 +108,7 @@ class FewShot:
   """The model, the proximal inner problem and its implicitly differentiated solver."""
 
   def __init__(self, args):
-    self.model = common.MLP(hidden=(40, 40), outputs=1)
+    self.model = models.MLP(hidden=(40, 40), outputs=1)
     self.args = args
     solver = ih.CG(steps=args.cg_steps)
     self.adapt = ih.implicit_argmin(self.inner_loss, solver=solver)(self.proximal_descent)
@@ -174,7 +176,7 @@ def meta_train(loss_fn, theta, rng, args, desc):
 
   opt_state = optimiser.init(theta)
   losses = []
-  for _ in common.progress(range(args.meta_steps // CHUNK), desc=desc):
+  for _ in cli.progress(range(args.meta_steps // CHUNK), desc=desc):
     tasks = sample_tasks(rng, (CHUNK, args.meta_batch), args.shots, args.shots)
     theta, opt_state, chunk_losses = chunk(theta, opt_state, tasks)
     losses.append(np.asarray(chunk_losses))
@@ -207,7 +209,7 @@ def plot_tasks(few_shot, tasks, fits, path, *, rows=2, cols=3):
   fig.legend(handles, labels, loc="lower center", ncol=4, frameon=False)
   fig.suptitle(f"{few_shot.args.shots}-shot adaptation on held-out sinusoid tasks")
   fig.tight_layout(rect=(0, 0.06, 1, 1))
-  return common.save_figure(fig, path)
+  return plots.save_figure(fig, path)
 
 
 def plot_losses(curves, path):
@@ -220,7 +222,7 @@ def plot_losses(curves, path):
   ax.set_ylabel("training loss (moving average)")
   ax.set_yscale("log")
   ax.legend()
-  return common.save_figure(fig, path)
+  return plots.save_figure(fig, path)
 
 
 def main(argv=None):
@@ -254,14 +256,14 @@ def main(argv=None):
     "eval_tasks": args.eval_tasks,
     "seconds": time.perf_counter() - start,
   }
-  common.save_metrics(args.out, metrics)
+  cli.save_metrics(args.out, metrics)
   fits = [("pretrained", pre_phi, pre_mse), ("iMAML", imaml_phi, imaml_mse)]
   plot_tasks(few_shot, held_out, fits, args.out / "imaml_sinusoid.png")
   plot_losses(
     {"iMAML (query, adapted)": imaml_losses, "pretrain (pooled)": pre_losses},
     args.out / "meta_training.png",
   )
-  common.print_summary(
+  cli.print_summary(
     f"{args.shots}-shot sinusoid regression, {args.eval_tasks} held-out tasks "
     f"({args.meta_steps} meta steps, {metrics['seconds']:.0f} s)",
     ("initialisation", "query MSE after adaptation", "std. error"),

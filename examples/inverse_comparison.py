@@ -22,12 +22,15 @@ import jax
 
 jax.config.update("jax_enable_x64", True)  # Errors near 1e-12 need float64 to be seen.
 
-import common  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
 import optax.tree_utils as otu  # noqa: E402
+from ih_examples import cli  # noqa: E402
+from ih_examples import datasets  # noqa: E402
+from ih_examples import plots  # noqa: E402
+from ih_examples import splits  # noqa: E402
 
 import implicit_hyper as ih  # noqa: E402
 
@@ -36,7 +39,7 @@ ALL_STEPS = (1, 2, 3, 5, 10, 20)
 
 
 def parse_args(argv=None):
-  parser = common.common_args(
+  parser = cli.common_args(
     __doc__.splitlines()[0], default_dataset="diabetes", datasets=("diabetes",)
   )
   parser.add_argument("--hyper-steps", type=int, default=None, help="hyper steps")
@@ -128,7 +131,7 @@ def train_jointly(args, train, val):
     return optax.apply_updates(log_decay, updates), outer_state
 
   history = []
-  for _ in common.progress(range(args.hyper_steps), desc="hyper steps"):
+  for _ in cli.progress(range(args.hyper_steps), desc="hyper steps"):
     params = weight_steps(params, log_decay)
     history.append(jax.device_get(compare(args.solver_steps, params, log_decay, train, val)))
     log_decay, outer_state = hyper_step(params, log_decay, outer_state)
@@ -176,16 +179,16 @@ def plot(history, solver_steps, path):
   axes[1, 0].legend(fontsize=8)
   fig.suptitle("Approximate hypergradients vs ih.Direct() (diabetes, one weight decay per feature)")
   fig.tight_layout()
-  return common.save_figure(fig, path)
+  return plots.save_figure(fig, path)
 
 
 def main(argv=None):
   args = parse_args(argv)
   start = time.perf_counter()
-  data = common.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+  data = datasets.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
   train, val, test = (
     tuple(a.astype(np.float64) for a in part)
-    for part in common.split(data, (args.train_size, args.val_size, None), seed=args.seed)
+    for part in splits.split(data, (args.train_size, args.val_size, None), seed=args.seed)
   )
   params, log_decay, history = train_jointly(args, train, val)
 
@@ -198,10 +201,10 @@ def main(argv=None):
     hyper_steps=args.hyper_steps,
     seconds=time.perf_counter() - start,
   )
-  common.save_metrics(args.out, metrics)
+  cli.save_metrics(args.out, metrics)
   plot(history, args.solver_steps, args.out / "inverse_comparison.png")
   names = ["identity"] + [f"{f}_{k}" for f in ("neumann", "cg") for k in NAMED_STEPS]
-  common.print_summary(
+  cli.print_summary(
     f"Hypergradient vs ih.Direct() after {args.hyper_steps} hyper steps "
     f"(validation MSE {metrics['val_mse']:.4f}, {metrics['seconds']:.0f} s)",
     ("approximation", "cosine", "relative l2 error"),

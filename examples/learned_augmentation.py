@@ -27,7 +27,6 @@ initialisation and noise.
 
 import time
 
-import common
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -35,6 +34,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from ih_examples import cli
+from ih_examples import datasets
+from ih_examples import plots
+from ih_examples import splits
 
 import implicit_hyper as ih
 
@@ -42,7 +45,7 @@ EVAL_CHUNK = 1000  # test images per forward pass
 
 
 def parse_args(argv=None):
-  parser = common.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
+  parser = cli.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist", "cifar10"))
   parser.add_argument("--seeds", type=int, default=None, help="repetitions (5; 3 with --quick)")
   parser.add_argument("--hyper-steps", type=int, default=None, help="hyper steps per seed (300)")
   parser.add_argument("--inner-steps", type=int, default=10, help="Adam steps per hyper step")
@@ -188,7 +191,7 @@ def plot_samples(images, samples, path):
   for c in range(1, cols):
     axes[0, c].set_title(f"sample {c}", fontsize=9)
   fig.suptitle(f"Learned augmentation (grey scale {low:.2f} to {high:.2f})", fontsize=10)
-  return common.save_figure(fig, path)
+  return plots.save_figure(fig, path)
 
 
 class Experiment:
@@ -237,7 +240,7 @@ class Experiment:
     Returns (results, the final `BilevelState`, the training set).
     """
     args = self.args
-    train, validation, test = common.train_validation_test(
+    train, validation, test = splits.train_validation_test(
       data, args.train_size, args.val_size, seed=seed
     )
     classifier_key, augmenter_key = jax.random.split(jax.random.key(seed))
@@ -269,10 +272,10 @@ class Experiment:
 
 def main(argv=None):
   args = parse_args(argv)
-  data = common.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+  data = datasets.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
   experiment = Experiment(args, data.num_classes)
   runs = []
-  with common.progress(total=args.seeds * args.hyper_steps, desc="hyper steps") as bar:
+  with cli.progress(total=args.seeds * args.hyper_steps, desc="hyper steps") as bar:
     for seed in range(args.seed, args.seed + args.seeds):
       results, state, train = experiment.run(seed, data, bar)
       runs.append(results)
@@ -304,8 +307,8 @@ def main(argv=None):
     "dataset": args.dataset,
     "runs": runs,
   }
-  common.save_metrics(args.out, result)
-  common.print_summary(
+  cli.save_metrics(args.out, result)
+  cli.print_summary(
     f"Test accuracy over {args.seeds} seeds ({args.train_size} training, {args.val_size} "
     f"validation, {runs[0]['test_size']} test images; {result['num_hyperparams']:,} "
     "hyperparameters)",

@@ -22,13 +22,17 @@ line in the figure). `--width 1000` gives over a million hyperparameters.
 
 import time
 
-import common
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from ih_examples import cli
+from ih_examples import datasets
+from ih_examples import models
+from ih_examples import plots
+from ih_examples import splits
 
 import implicit_hyper as ih
 
@@ -38,7 +42,7 @@ EVALUATIONS = 60  # hyper steps, log-spaced, at which the three accuracies are r
 
 
 def parse_args(argv=None):
-  parser = common.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist"))
+  parser = cli.common_args(__doc__.splitlines()[0], datasets=("digits", "mnist"))
   parser.add_argument("--width", type=int, default=None, help="hidden units per layer (100)")
   parser.add_argument("--hyper-steps", type=int, default=None, help="hyper steps (1000)")
   parser.add_argument("--inner-steps", type=int, default=10, help="Adam steps per hyper step")
@@ -109,18 +113,18 @@ def plot_errors(history, fixed_test_acc, decays, init_decay, path):
   hist.set(xlabel="log10 weight decay", ylabel="weights", yscale="log")
   hist.legend()
   fig.suptitle(f"One weight decay per weight: {decays.size:,} hyperparameters")
-  return common.save_figure(fig, path)
+  return plots.save_figure(fig, path)
 
 
 def main(argv=None):
   args = parse_args(argv)
-  data = common.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
-  train, validation, test = common.train_validation_test(
+  data = datasets.load_dataset(args.dataset, data_dir=args.data_dir, seed=args.seed)
+  train, validation, test = splits.train_validation_test(
     data, TRAIN_SIZE, VALIDATION_SIZE, seed=args.seed
   )
   train, validation, test = jax.device_put((train, validation, test))
 
-  model = common.MLP(hidden=(args.width,) * DEPTH, outputs=data.num_classes)
+  model = models.MLP(hidden=(args.width,) * DEPTH, outputs=data.num_classes)
   params = model.init(jax.random.key(args.seed), train[0][:1])["params"]
   log_decay = jax.tree.map(lambda w: jnp.full_like(w, np.log(args.init_decay)), params)
   num_hyperparams = sum(leaf.size for leaf in jax.tree.leaves(log_decay))
@@ -154,7 +158,7 @@ def main(argv=None):
 
   history = {"step": [], "train_acc": [], "val_acc": [], "test_acc": []}
   record_at, step_seconds, skipped = evaluation_steps(args.hyper_steps), 0.0, 0
-  bar = common.progress(range(1, args.hyper_steps + 1), desc="hyper steps")
+  bar = cli.progress(range(1, args.hyper_steps + 1), desc="hyper steps")
   for t in bar:
     start = time.perf_counter()
     state, metrics = jax.block_until_ready(step(state, inner_batches, validation))
@@ -193,11 +197,11 @@ def main(argv=None):
     "decay_quantiles_10_50_90": np.quantile(decays, [0.1, 0.5, 0.9]),
     "history": history,
   }
-  common.save_metrics(args.out, result)
+  cli.save_metrics(args.out, result)
   plot_errors(
     history, fixed_acc["test"], decays, args.init_decay, args.out / "overfit_validation.png"
   )
-  common.print_summary(
+  cli.print_summary(
     f"Per-weight decay, {num_hyperparams:,} hyperparameters, {args.hyper_steps} hyper steps "
     f"({result['seconds_per_hyper_step']:.3g} s each, {skipped} skipped)",
     ("accuracy", "after hyper step 1", "final", "decays not tuned"),

