@@ -244,7 +244,7 @@ def bilevel(
     else:
       outer_value = outer_of_raw(params, raw, *outer_args)
     solver_state = state.solver_state
-    info = _base.SolveInfo(jnp.zeros(()), jnp.zeros((), jnp.int32), jnp.array(False))
+    info = _base.no_solve_info(_base.tree_dtype(params))
     if implicit:
       last_args = jax.tree.map(lambda b: b[-1], tuple(inner_args))
       implicit_grads, info, solver_state = hypergrad_with_info(

@@ -37,13 +37,24 @@ class SolveInfo(NamedTuple):
   Attributes:
     residual_norm: relative residual ``||A x - b|| / ||b||`` (0 when ``b == 0``).
     num_steps: number of iterations the solver ran.
-    diverged: True when the answer is not finite or the residual grew beyond ``||b||``:
-      the answer must not be trusted.
+    diverged: True when the answer is not finite or the residual grew beyond ``||b||``
+      (or the method broke down): the answer must not be trusted.
+    converged: True when the residual is within the solver's `tol` (for a solver
+      without a `tol`, such as a truncated Neumann series, whenever it did not diverge:
+      it is inexact by design).
+    negative_curvature: True when the solver saw ``v^T A v <= 0`` (CG, Lanczos), i.e.
+      A is not positive definite: the point is not a strict local minimum.
+    stationarity: for the decorators, the norm of the optimality condition at the
+      inner solution relative to its norm at ``init_params`` (``||grad L(theta*)|| /
+      ||grad L(theta_0)||`` for `implicit_argmin`); NaN where not measured.
   """
 
   residual_norm: jax.Array
   num_steps: jax.Array
   diverged: jax.Array
+  converged: jax.Array
+  negative_curvature: jax.Array
+  stationarity: jax.Array
 
 
 def solver_pytree(*, data: tuple[str, ...] = ("ridge",)):
@@ -129,8 +140,14 @@ def tree_all_finite(tree) -> jax.Array:
   return functools.reduce(jnp.logical_and, finite, jnp.array(True))
 
 
-def make_info(x, residual, b, num_steps, extra_failure=False) -> SolveInfo:
-  """Builds `SolveInfo` from the final iterate and residual ``b - A x``."""
+def make_info(
+  x, residual, b, num_steps, extra_failure=False, *, tol=None, negative_curvature=False
+) -> SolveInfo:
+  """Builds `SolveInfo` from the final iterate and residual ``b - A x``.
+
+  `extra_failure` marks a breakdown as divergence; `tol` (None: none) is the relative
+  residual below which the solve counts as converged.
+  """
   residual_norm = relative_norm(residual, b)
   diverged = (
     ~tree_all_finite(x)
@@ -138,7 +155,22 @@ def make_info(x, residual, b, num_steps, extra_failure=False) -> SolveInfo:
     | (residual_norm > DIVERGENCE_FACTOR)
     | extra_failure
   )
-  return SolveInfo(residual_norm, jnp.asarray(num_steps, jnp.int32), diverged)
+  converged = ~diverged if tol is None else ~diverged & (residual_norm <= tol)
+  return SolveInfo(
+    residual_norm=residual_norm,
+    num_steps=jnp.asarray(num_steps, jnp.int32),
+    diverged=jnp.asarray(diverged),
+    converged=jnp.asarray(converged),
+    negative_curvature=jnp.asarray(negative_curvature),
+    stationarity=jnp.full((), jnp.nan, residual_norm.dtype),
+  )
+
+
+def no_solve_info(dtype=jnp.float32) -> SolveInfo:
+  """The `SolveInfo` of no solve at all (an unrolled hypergradient)."""
+  zero = jnp.zeros((), dtype)
+  false = jnp.array(False)
+  return SolveInfo(zero, jnp.zeros((), jnp.int32), false, jnp.array(True), false, zero * jnp.nan)
 
 
 def residual(matvec: Matvec, x, b):

@@ -78,4 +78,4 @@ class BiCGStab(_base.LinearSolver):
 
     final = jax.lax.while_loop(keep_going, iteration, state)
     x, k, broke = final[0], final[7], final[8]
-    return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke), None
+    return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke, tol=self.tol), None

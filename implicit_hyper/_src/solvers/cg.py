@@ -42,7 +42,7 @@ def conjugate_gradient(matvec, b, init, *, steps: int, tol: float):
     return x, r, p, rr_new, k + 1, broke
 
   x, r, _, _, k, broke = jax.lax.while_loop(keep_going, iteration, state)
-  return x, _base.make_info(x, r, b, k, extra_failure=broke)
+  return x, _base.make_info(x, r, b, k, extra_failure=broke, tol=tol, negative_curvature=broke)
 
 
 @_base.solver_pytree()

@@ -44,5 +44,7 @@ class NormalCG(_base.LinearSolver):
 
     (rhs,) = rmatvec(b)
     x, info = cg.conjugate_gradient(normal_matvec, rhs, None, steps=self.steps, tol=self.tol)
-    info = _base.make_info(x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged)
+    info = _base.make_info(
+      x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged, tol=self.tol
+    )
     return x, info, None
