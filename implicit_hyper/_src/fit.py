@@ -1,22 +1,24 @@
 """`fit`: runs a `bilevel` loop over data with a progress bar, a metric history and checkpoints."""
 
+import contextlib
 import csv
 import functools
+import io
 import json
-import os
-import re
-import tempfile
+import math
+import warnings
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from implicit_hyper._src import validation
+from implicit_hyper._src import checkpoint
+from implicit_hyper._src.checkpoint import load_checkpoint
+from implicit_hyper._src.checkpoint import save_checkpoint
+from implicit_hyper._src.implicit import HypergradientWarning
 
-CHECKPOINT_FORMAT = "implicit_hyper.fit/1"
-CHECKPOINT_NAME = re.compile(r"^ckpt_(\d+)\.msgpack$")
 METRICS_SUFFIXES = (".json", ".csv")
+RESUME_MODES = ("auto", "force")
 
 
 def fit(
@@ -31,46 +33,57 @@ def fit(
   metrics_path=None,
   progress: bool = True,
   callback=None,
+  resume: str = "auto",
+  warn_after_skips: int | None = 10,
 ):
   """Runs ``loop.step`` (jit-compiled) until ``state.step == num_steps``, resumably.
 
-  On start, the latest checkpoint in `checkpoint_dir` (if any) replaces `state` and the
-  run continues from its step, so a run stopped at any point and started again with the
-  same arguments reaches bit-identical parameters, hyperparameters and history.
-  Checkpoints are msgpack files (`flax.serialization`, no pickle) named
-  ``ckpt_<step>.msgpack``, written to a temporary file and renamed, so a crash never
-  leaves a partial one. A corrupt checkpoint, or one whose arrays do not match `state`,
-  raises a `ValueError` naming the file before anything is written.
+  On start, the newest good checkpoint in `checkpoint_dir` (if any) replaces `state` and
+  the run continues from its step, so a run stopped at any point (even killed while
+  writing) and started again with the same arguments reaches bit-identical parameters,
+  hyperparameters and history. Checkpoints are written by `ih.save_checkpoint`. A damaged
+  newest checkpoint (its checksum fails) is renamed ``*.corrupt`` and the run resumes from
+  the one before, with a warning. While it runs, `fit` holds a lock on `checkpoint_dir`:
+  a second run on the same directory is refused with a `RuntimeError`. Every argument is
+  checked before any work.
 
   Data must be replayable for resumption to be exact. `data` is either
-    * a callable ``data(step) -> (inner_batches, outer_batch)`` that returns the same
-      batches for the same hyper step (derive randomness from `step`, e.g.
+    * a callable ``data(step) -> (inner_args, outer_args)`` that returns the same
+      arguments for the same hyper step (derive randomness from `step`, e.g.
       ``np.random.default_rng([seed, step])``): the recommended form; or
-    * a fresh iterable of ``(inner_batches, outer_batch)`` pairs (see
-      `bilevel_batches`) that yields the same sequence every time it is created
-      (seeded): on resumption its first ``state.step`` items are drawn and discarded.
+    * a fresh iterable of ``(inner_args, outer_args)`` pairs (see `bilevel_batches`)
+      that yields the same sequence every time it is created (seeded): on resumption
+      its first ``state.step`` items are drawn and discarded.
   Training stops early when the data run out.
 
   Args:
-    loop: a `Bilevel` from `ih.bilevel`.
-    state: the starting `BilevelState` (``loop.init(...)``); also the template that
-      checkpoints must match.
-    data: the batches, as above.
+    loop: a `Bilevel` from `ih.bilevel`, or any ``(init, step, constrain)`` loop whose
+      state has ``step`` and ``hparams`` and whose metrics are a NamedTuple of scalars.
+    state: the starting state (``loop.init(...)``); also the template that checkpoints
+      must match.
+    data: the loss arguments, as above.
     num_steps: total hyper steps to reach (counted by ``state.step``).
     checkpoint_dir: directory for checkpoints (created if needed); None for none.
     checkpoint_every: save every this many hyper steps, and at the end.
     keep_checkpoints: how many of the newest checkpoints to keep.
-    metrics_path: a ``.json`` (a list of records) or ``.csv`` file, rewritten with the
-      history at every checkpoint and at the end; None for none.
-    progress: show a tqdm progress bar with the latest metrics.
+    metrics_path: a ``.json`` (a list of records; strict JSON, non-finite numbers as
+      null) or ``.csv`` file, rewritten with the history at every checkpoint and at the
+      end; None for none.
+    progress: show a tqdm progress bar with the latest metrics and the skip count.
     callback: ``callback(step, state) -> dict | None``, called after every hyper step
       with the new state (e.g. to evaluate test accuracy every few steps); the scalars
       it returns join that step's history record and are checkpointed with it.
+    resume: "auto" refuses a checkpoint saved with other loop settings (``loop.config``,
+      when the loop has one); "force" resumes from it under the new settings, which the
+      next checkpoints record.
+    warn_after_skips: issue a `HypergradientWarning` once this many consecutive hyper
+      steps were skipped (``metrics.skipped``): the hyperparameters are frozen. None
+      never warns.
 
   Returns:
     ``(state, history)``: the final state and one dict per hyper step holding its index
-    ``step``, the `BilevelMetrics` fields, every scalar constrained hyperparameter
-    (``hparams`` or ``hparams/<key>``) and what `callback` returned.
+    ``step``, the metrics' fields, every scalar constrained hyperparameter (``hparams``
+    or ``hparams/<key>``) and what `callback` returned.
 
   Example:
     >>> import tempfile, jax.numpy as jnp, optax
@@ -78,78 +91,117 @@ def fit(
     >>> train = lambda w, decay, b: jnp.sum((w - b) ** 2) + decay * jnp.sum(w**2)
     >>> valid = lambda w, decay, b: jnp.sum((w - 0.5 * b) ** 2)
     >>> loop = ih.bilevel(train, valid, optax.sgd(0.2), optax.adam(0.1), inner_steps=5)
-    >>> data = lambda step: (jnp.ones((5, 3)), jnp.ones(3))  # (inner_batches, outer_batch)
+    >>> data = lambda step: ((jnp.ones((5, 3)),), (jnp.ones(3),))  # (inner_args, outer_args)
     >>> with tempfile.TemporaryDirectory() as directory:
     ...   state, history = ih.fit(loop, loop.init(jnp.zeros(3), 0.5), data, num_steps=100,
     ...                           checkpoint_dir=directory, progress=False)
     >>> int(state.step), round(history[-1]["hparams"], 2)  # the best decay is 1
     (100, 1.0)
   """
-  for name, value in (
-    ("checkpoint_every", checkpoint_every),
-    ("keep_checkpoints", keep_checkpoints),
-  ):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"`fit({name}=...)` must be an int >= 1, got {value!r}.")
+  _check_arguments(loop, data, num_steps, checkpoint_every, keep_checkpoints, warn_after_skips)
   if callback is not None and not callable(callback):
     raise TypeError(f"`fit(callback=...)` must be callable or None, got {callback!r}.")
-  if metrics_path is not None and Path(metrics_path).suffix not in METRICS_SUFFIXES:
-    raise ValueError(f"`fit(metrics_path=...)` must end in .json or .csv, got {metrics_path!r}.")
-  history = []
+  if resume not in RESUME_MODES:
+    raise ValueError(f"`fit(resume=...)` must be one of {RESUME_MODES}, got {resume!r}.")
+  if metrics_path is not None:
+    metrics_path = Path(metrics_path)
+    if metrics_path.suffix not in METRICS_SUFFIXES or metrics_path.is_dir():
+      raise ValueError(f"`fit(metrics_path=...)` must be a .json or .csv file, got {metrics_path}.")
+    _make_directory("metrics_path", metrics_path.parent)
+  config = getattr(loop, "config", None)
+  if config is not None:
+    checkpoint._canonical_config(config)  # Refuse settings that cannot be saved, now.
+  history, source, directory = [], "the `state` given", None
   if checkpoint_dir is not None:
-    checkpoint_dir = Path(checkpoint_dir)
-    latest = latest_checkpoint(checkpoint_dir)
-    if latest is not None:
-      state, history = load_checkpoint(latest, state)
-  start = int(state.step)
-  next_batches = _replay(data, start)
-  step_fn = _compiled_step(loop)
-  bar = _progress_bar(progress, start, num_steps)
+    directory = _make_directory("checkpoint_dir", Path(checkpoint_dir))
+  with checkpoint._exclusive(directory, "fit") if directory else contextlib.nullcontext():
+    if directory is not None:
+      state, history, source = _resume(directory, state, config if resume == "auto" else None)
+      for leftover in (
+        metrics_path.parent.glob(f".{metrics_path.name}.*.tmp") if metrics_path else ()
+      ):
+        leftover.unlink(missing_ok=True)  # from a crash; the lock keeps this run alone
+    start = int(state.step)
+    if num_steps < start:
+      raise ValueError(
+        f"`fit(num_steps={num_steps})` is below step {start} of {source}: pass "
+        f"`num_steps >= {start}`, or another `checkpoint_dir` to start afresh."
+      )
+    next_args = _replay(data, start, source)
+    step_fn = _compiled_step(loop.step, loop.constrain)
+    # Consecutive skipped hyper steps at the end of the history; warned once per streak.
+    streak = next(
+      (n for n, r in enumerate(reversed(history)) if not r.get("skipped")), len(history)
+    )
+    warned = False
+    bar = _progress_bar(progress, start, num_steps)
 
-  def save():
-    if checkpoint_dir is not None:
-      save_checkpoint(checkpoint_dir, state, history, keep=keep_checkpoints)
-    if metrics_path is not None:
-      write_metrics(metrics_path, history)
+    def flush(pending):
+      nonlocal streak, warned
+      history.append(_record(*pending))
+      streak, warned = (streak + 1, warned) if history[-1].get("skipped") else (0, False)
+      if warn_after_skips is not None and streak >= warn_after_skips and not warned:
+        warned = True
+        warnings.warn(
+          f"`fit`: the last {streak} hyper steps (to step {history[-1]['step']}) were all "
+          "skipped, so the hyperparameters are frozen: every hypergradient was flagged "
+          "(diverged or not finite). Look at the metrics (`residual_norm`) and try another "
+          "`solver=` or a smaller outer learning rate.",
+          HypergradientWarning,
+          stacklevel=3,
+        )
+      _show(bar, history[-1], streak, warn_after_skips)
 
-  pending, saved = None, True
-  try:
-    for step in range(start, num_steps):
-      try:
-        inner_batches, outer_batch = next_batches(step)
-      except StopIteration:
-        break
-      state, *outputs = step_fn(state, inner_batches, outer_batch)
-      if pending is not None:  # Read the previous metrics while this step runs.
-        _append(history, bar, pending)
-      extra = callback(step, state) if callback is not None else None
-      pending, saved = (step, *outputs, extra), False
-      if (step + 1) % checkpoint_every == 0:
-        _append(history, bar, pending)
-        pending, saved = None, True
+    def save():
+      if directory is not None:
+        save_checkpoint(directory, state, history, config=config, keep=keep_checkpoints)
+      if metrics_path is not None:
+        _write_metrics(metrics_path, history)
+
+    pending, saved = None, True
+    try:
+      for step in range(start, num_steps):
+        try:
+          inner_args, outer_args = _pair(next_args(step), step)
+        except StopIteration:
+          break
+        state, *outputs = step_fn(state, inner_args, outer_args)
+        if pending is not None:  # Read the previous metrics while this step runs.
+          flush(pending)
+        extra = callback(step, state) if callback is not None else None
+        pending, saved = (step, *outputs, extra), False
+        if (step + 1) % checkpoint_every == 0:
+          flush(pending)
+          pending, saved = None, True
+          save()
+      if pending is not None:
+        flush(pending)
+      if not saved:
         save()
-    if pending is not None:
-      _append(history, bar, pending)
-    if not saved:
-      save()
-  finally:
-    if bar is not None:
-      bar.close()
+    finally:
+      if bar is not None:
+        bar.close()
   return state, history
 
 
 def bilevel_batches(train, valid, *, inner_steps: int):
-  """Pairs two iterables of batches into `fit`'s ``(inner_batches, outer_batch)`` items.
+  """Pairs two iterables of argument tuples into `fit`'s ``(inner_args, outer_args)`` items.
 
-  Each item stacks the next `inner_steps` training batches along a new leading axis
-  (`np.stack`) and takes the next validation batch; it ends when either runs out.
+  Each item stacks the next `inner_steps` training tuples leaf by leaf along a new
+  leading axis (`np.stack`) and takes the next validation tuple; it ends when either
+  runs out.
 
   Example:
     >>> import numpy as np
-    >>> train, valid = (np.full(2, k) for k in range(6)), iter(["v0", "v1", "v2"])
-    >>> [(inner.tolist(), outer) for inner, outer in bilevel_batches(train, valid, inner_steps=3)]
-    [([[0, 0], [1, 1], [2, 2]], 'v0'), ([[3, 3], [4, 4], [5, 5]], 'v1')]
+    >>> train = ((np.full(2, k), k) for k in range(6))
+    >>> valid = iter([("v0",), ("v1",), ("v2",)])
+    >>> [(x.tolist(), k.tolist(), v) for (x, k), v in bilevel_batches(train, valid, inner_steps=3)]
+    [([[0, 0], [1, 1], [2, 2]], [0, 1, 2], ('v0',)), ([[3, 3], [4, 4], [5, 5]], [3, 4, 5], ('v1',))]
   """
+  if not _is_int(inner_steps) or inner_steps < 1:
+    raise ValueError(
+      f"`bilevel_batches(inner_steps=...)` must be an int >= 1, got {inner_steps!r}."
+    )
   train, valid = iter(train), iter(valid)
   while True:
     try:
@@ -157,129 +209,107 @@ def bilevel_batches(train, valid, *, inner_steps: int):
       outer = next(valid)
     except StopIteration:
       return
+    for name, args in (("train", inner[0]), ("valid", outer)):
+      if not isinstance(args, tuple):
+        raise TypeError(
+          f"`bilevel_batches({name}=...)` must yield tuples of loss arguments such as "
+          f"`(x, y)`, got a {type(args).__name__}; wrap a single array as `(x,)`."
+        )
     yield jax.tree.map(lambda *leaves: np.stack(leaves), *inner), outer
 
 
-def latest_checkpoint(directory):
-  """The path of the highest-step ``ckpt_<step>.msgpack`` in `directory`, or None."""
-  directory = Path(directory)
-  if not directory.is_dir():
-    return None
-  found = [(int(m[1]), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))]
-  return max(found)[1] if found else None
+def _check_arguments(loop, data, num_steps, checkpoint_every, keep_checkpoints, warn_after_skips):
+  if not all(callable(getattr(loop, name, None)) for name in ("step", "constrain")):
+    raise TypeError(f"`fit(loop=...)` must be an `ih.bilevel` loop, got {loop!r}.")
+  if not callable(data) and not hasattr(data, "__iter__"):
+    raise TypeError(
+      f"`fit(data=...)` must be a callable `data(step)` or an iterable, got {data!r}."
+    )
+  for name, value, least in (
+    ("num_steps", num_steps, 0),
+    ("checkpoint_every", checkpoint_every, 1),
+    ("keep_checkpoints", keep_checkpoints, 1),
+    ("warn_after_skips", 1 if warn_after_skips is None else warn_after_skips, 1),
+  ):
+    if not _is_int(value) or value < least:
+      raise ValueError(f"`fit({name}=...)` must be an int >= {least}, got {value!r}.")
 
 
-def save_checkpoint(directory, state, history, *, keep: int = 2) -> Path:
-  """Writes `state` and `history` atomically to ``directory/ckpt_<state.step>.msgpack``.
-
-  Keeps the newest `keep` checkpoints and deletes older ones. Returns the path.
-  """
-  serialization = _flax_serialization()
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  payload = {
-    "format": CHECKPOINT_FORMAT,
-    "state": serialization.to_state_dict(jax.device_get(state)),
-    # Python's JSON round-trips floats (and NaN) exactly, and records may differ in keys.
-    "history": json.dumps(history),
-  }
-  path = directory / f"ckpt_{int(state.step):08d}.msgpack"
-  _atomic_write(path, serialization.msgpack_serialize(payload))
-  found = sorted(
-    (int(m[1]), p) for p in directory.iterdir() if (m := CHECKPOINT_NAME.match(p.name))
-  )
-  for _, old in found[:-keep]:
-    old.unlink()
-  return path
+def _is_int(value):
+  return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def load_checkpoint(path, like):
-  """Reads a checkpoint written by `save_checkpoint`; returns ``(state, history)``.
-
-  Raises:
-    ValueError: naming `path`, when the file is corrupt, is not a `fit` checkpoint, or
-      holds arrays whose structure, shapes or dtypes differ from `like`.
-  """
-  serialization = _flax_serialization()
-  path = Path(path)
-  hint = "Delete it or pass another `checkpoint_dir` to start afresh."
+def _make_directory(argument, directory: Path) -> Path:
+  if directory.exists() and not directory.is_dir():
+    raise ValueError(f"`fit({argument}=...)`: {directory} exists and is not a directory.")
   try:
-    payload = serialization.msgpack_restore(path.read_bytes())
-  except Exception as err:  # msgpack reports damage with many exception types
-    raise ValueError(f"Checkpoint {path} is corrupt and cannot be read ({err}). {hint}") from err
-  if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-    raise ValueError(f"{path} is not an implicit_hyper `fit` checkpoint. {hint}")
-  try:
-    restored = serialization.from_state_dict(like, payload["state"])
-    validation.check_same_structure("fit", f"the checkpoint {path}", restored, like, "`state`")
-  except (ValueError, KeyError, TypeError) as err:
-    raise ValueError(f"Checkpoint {path} does not match the `state` given: {err} {hint}") from err
-  state = jax.tree.map(lambda x, t: jnp.asarray(x, jnp.result_type(t)), restored, like)
-  try:
-    history = json.loads(payload.get("history", "[]"))
-  except (TypeError, ValueError) as err:
-    raise ValueError(f"Checkpoint {path} has an unreadable metric history ({err}). {hint}") from err
-  return state, history
+    directory.mkdir(parents=True, exist_ok=True)
+  except OSError as err:
+    raise ValueError(f"`fit({argument}=...)`: cannot create {directory} ({err}).") from err
+  return directory
 
 
-def write_metrics(path, history) -> None:
-  """Writes the history atomically as JSON (a list of records) or CSV, by `path`'s suffix."""
-  path = Path(path)
-  if path.suffix == ".json":
-    text = json.dumps(history, indent=1)
-  else:
-    lines = _CsvLines()
-    fields = list(dict.fromkeys(k for record in history for k in record)) or ["step"]
-    writer = csv.DictWriter(lines, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(history)
-    text = "".join(lines)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  _atomic_write(path, text.encode())
+def _resume(directory, like, config):
+  """The newest good checkpoint's ``(state, history, description)``, else `like`'s."""
+  corrupt = []
+  for path in checkpoint._checkpoints(directory):
+    try:
+      state, history = load_checkpoint(path, like, config=config)
+    except checkpoint._CorruptCheckpointError as err:
+      corrupt.append((path, err))
+      continue
+    for bad, err in corrupt:
+      aside = bad.replace(bad.with_name(bad.name + ".corrupt"))
+      warnings.warn(
+        f"`fit`: {err} Renamed it {aside.name}; resuming from {path.name}.", stacklevel=3
+      )
+    return state, history, f"the checkpoint {path}"
+  if corrupt:
+    raise corrupt[0][1]
+  return like, [], "the `state` given"
 
 
-class _CsvLines(list):
-  def write(self, line):
-    self.append(line)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-  """Writes `data` to a temporary file beside `path`, syncs it, and renames it to `path`."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
-def _replay(data, start):
+def _replay(data, start, source):
   """`data` as a function of the hyper step, fast-forwarding an iterable to `start`."""
   if callable(data):
     return data
   iterator = iter(data)
-  for _ in range(start):
-    next(iterator)
+  for drawn in range(start):
+    try:
+      next(iterator)
+    except StopIteration:
+      raise ValueError(
+        f"`fit(data=...)` ran out after {drawn} items while skipping the {start} hyper steps "
+        f"already taken in {source}. Resuming needs the data of the run that saved it: "
+        "a seeded iterable created afresh, or a callable `data(step)`."
+      ) from None
   return lambda step: next(iterator)
 
 
+def _pair(item, step):
+  if not (isinstance(item, tuple | list) and len(item) == 2):
+    raise TypeError(
+      f"`fit(data=...)` must give `(inner_args, outer_args)` pairs; at step {step} it gave "
+      f"{type(item).__name__} {item!r:.80}."
+    )
+  return item
+
+
 @functools.lru_cache(maxsize=8)
-def _compiled_step(loop):
-  """``loop.step`` that also returns the constrained hparams, jitted once per loop."""
+def _compiled_step(step, constrain):
+  """``step`` that also returns the constrained hparams, jitted once per loop."""
 
-  def step(state, inner_batches, outer_batch):
-    state, metrics = loop.step(state, inner_batches, outer_batch)
-    return state, metrics, loop.constrain(state.hparams)
+  def step_and_hparams(state, inner_args, outer_args):
+    state, metrics = step(state, inner_args, outer_args)
+    return state, metrics, constrain(state.hparams)
 
-  return jax.jit(step)
+  return jax.jit(step_and_hparams)
 
 
 def _record(step, metrics, hparams, extra):
   """One history entry of Python scalars (exactly representable, so resumption is exact)."""
+  if extra is not None and not isinstance(extra, dict):
+    raise TypeError(f"`fit(callback=...)` must return a dict or None, got {extra!r:.80}.")
   metrics, hparams, extra = jax.device_get((metrics, hparams, extra or {}))
   record = {"step": step, **{k: np.asarray(v).item() for k, v in metrics._asdict().items()}}
   for path, leaf in jax.tree_util.tree_leaves_with_path(hparams):
@@ -288,7 +318,12 @@ def _record(step, metrics, hparams, extra):
         str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
       )
       record["hparams/" + name if name else "hparams"] = np.asarray(leaf).item()
-  record.update({k: np.asarray(v).item() for k, v in extra.items()})
+  for key, value in extra.items():
+    if np.size(value) != 1:
+      raise TypeError(
+        f"`fit(callback=...)` must return scalars; {key!r} has shape {np.shape(value)}."
+      )
+    record[key] = np.asarray(value).item()
   return record
 
 
@@ -300,17 +335,30 @@ def _progress_bar(progress, start, num_steps):
   return tqdm(total=num_steps, initial=start, desc="bilevel", unit="step")
 
 
-def _append(history, bar, pending):
-  history.append(_record(*pending))
-  if bar is not None:
-    shown = ("inner_loss", "outer_loss", "hypergrad_norm", "num_skipped")
-    bar.set_postfix({k: history[-1][k] for k in shown}, refresh=False)
-    bar.update(1)
+def _show(bar, record, streak, warn_after_skips):
+  if bar is None:
+    return
+  shown = ("inner_loss", "outer_loss", "hypergrad_norm", "num_skipped")
+  bar.set_postfix({k: record[k] for k in shown if k in record}, refresh=False)
+  frozen = warn_after_skips is not None and streak >= warn_after_skips
+  bar.set_description(f"bilevel (hparams frozen: {streak} skipped)" if frozen else "bilevel", False)
+  bar.update(1)
 
 
-def _flax_serialization():
-  try:
-    from flax import serialization
-  except ImportError as err:
-    raise ImportError("`fit` checkpoints need flax: `pip install flax`.") from err
-  return serialization
+def _write_metrics(path: Path, history) -> None:
+  """Writes the history atomically as strict JSON (a list of records) or CSV, by suffix."""
+  if path.suffix == ".json":
+    finite = [{k: _finite_or_none(v) for k, v in record.items()} for record in history]
+    text = json.dumps(finite, indent=1, allow_nan=False)
+  else:
+    lines = io.StringIO()
+    fields = list(dict.fromkeys(k for record in history for k in record)) or ["step"]
+    writer = csv.DictWriter(lines, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(history)
+    text = lines.getvalue()
+  checkpoint._atomic_write(path, text.encode())
+
+
+def _finite_or_none(value):
+  return None if isinstance(value, float) and not math.isfinite(value) else value
