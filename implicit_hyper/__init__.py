@@ -17,8 +17,6 @@ from implicit_hyper._src.implicit import implicit_root as implicit_root
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
 from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient
-from implicit_hyper._src.rule import HypergradientError as HypergradientError
-from implicit_hyper._src.rule import HypergradientWarning as HypergradientWarning
 from implicit_hyper._src.solvers._base import LinearSolver as LinearSolver
 from implicit_hyper._src.solvers._base import SolveInfo as SolveInfo
 from implicit_hyper._src.solvers._base import solver_pytree as solver_pytree
@@ -31,6 +29,10 @@ from implicit_hyper._src.solvers.neumann import Neumann as Neumann
 from implicit_hyper._src.solvers.neumann import NeumannState as NeumannState
 from implicit_hyper._src.solvers.normal_cg import NormalCG as NormalCG
 from implicit_hyper._src.spectral import max_eigenvalue as max_eigenvalue
+from implicit_hyper._src.trust import HypergradientError as HypergradientError
+from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
+from implicit_hyper._src.trust import SolveRecord as SolveRecord
+from implicit_hyper._src.trust import record_solves as record_solves
 from implicit_hyper._src.unrolled import unrolled_hypergrad as unrolled_hypergrad
 
 __version__ = "0.2.0.dev0"

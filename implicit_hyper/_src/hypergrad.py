@@ -4,7 +4,7 @@ import jax
 import optax.tree_utils as otu
 
 from implicit_hyper._src import operators
-from implicit_hyper._src import rule
+from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.neumann import Neumann
@@ -19,7 +19,7 @@ def hypergrad(
   inner_args=(),
   outer_args=(),
   solver=None,
-  on_divergence="warn",
+  on_failure="warn",
 ):
   r"""The hypergradient of ``outer_loss`` at an approximate inner optimum ``params``.
 
@@ -45,9 +45,10 @@ def hypergrad(
     outer_args: extra positional arguments of `outer_loss` (a validation batch).
     solver: a linear solver, or a function ``solve(matvec, b) -> x``; `ih.Neumann()`
       when None.
-    on_divergence: "warn", "raise" or "ignore" when the solve diverges or the
-      hypergradient is not finite (see `implicit_argmin`); `hypergrad_with_info`
-      returns the `SolveInfo` instead.
+    on_failure: "warn", "raise" or "ignore" when the solve diverges, sees negative
+      curvature, or the hypergradient is not finite (see `implicit_argmin`; the point
+      is the current iterate by design, so its stationarity is not checked);
+      `hypergrad_with_info` returns the `SolveInfo` instead.
 
   Returns:
     The hypergradient, shaped like ``hparams``.
@@ -63,7 +64,8 @@ def hypergrad(
     >>> round(float(g), 6)  # d/dlam of 1.5 / (1 + lam)^2 = -3 / (1 + lam)^3
     -0.375
   """
-  rule.check_policy("hypergrad", on_divergence)
+  checks = trust.Checks(on_failure, stationarity_tol=None).validate("hypergrad")
+  report = trust.reporter("hypergrad", checks)
   grads, info, _ = hypergrad_with_info(
     inner_loss,
     outer_loss,
@@ -73,7 +75,7 @@ def hypergrad(
     outer_args=outer_args,
     solver=solver,
   )
-  rule.reporter("hypergrad", on_divergence)(info)
+  report(info)
   return grads
 
 

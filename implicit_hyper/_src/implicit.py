@@ -6,15 +6,23 @@ import jax
 import optax.tree_utils as otu
 
 from implicit_hyper._src import rule
+from implicit_hyper._src import trust
 from implicit_hyper._src import validation
-from implicit_hyper._src.rule import HypergradientError as HypergradientError
-from implicit_hyper._src.rule import HypergradientWarning as HypergradientWarning
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.bicgstab import BiCGStab
 from implicit_hyper._src.solvers.neumann import Neumann
+from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
 
 
-def implicit_argmin(inner_loss, *, solver=None, has_aux=False, on_divergence="warn"):
+def implicit_argmin(
+  inner_loss,
+  *,
+  solver=None,
+  has_aux=False,
+  on_failure="warn",
+  tol=None,
+  stationarity_tol=trust.DEFAULT_STATIONARITY_TOL,
+):
   r"""Decorates an inner solver so that its derivatives come from the implicit function theorem.
 
   The decorated ``solve(init_params, hparams, *args, **kwargs)`` returns (approximately)
@@ -39,10 +47,16 @@ def implicit_argmin(inner_loss, *, solver=None, has_aux=False, on_divergence="wa
     solver: a linear solver for ``H u = v``, or a function ``solve(matvec, b) -> x``;
       `ih.Neumann()` when None.
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
-    on_divergence: what to do when a backward solve diverges or gives non-finite
-      values: "warn" (a `HypergradientWarning`), "raise" (a `HypergradientError` from
-      the host callback; under `jax.jit` JAX re-raises it as a runtime error carrying
-      its message), or "ignore".
+    on_failure: what to do when a derivative is not to be trusted: the backward solve
+      diverged, saw negative curvature or missed `tol`, or the inner solution is not
+      stationary: "warn" (a `HypergradientWarning` at the caller's line), "raise" (a
+      `HypergradientError` from the host callback; under `jax.jit` JAX re-raises it as
+      a runtime error carrying its message), or "ignore". `ih.record_solves` collects
+      every solve's `SolveInfo` whatever the policy.
+    tol: also flag backward solves whose relative residual exceeds `tol`.
+    stationarity_tol: flag inner solutions whose relative stationarity
+      ``||grad L(theta*)|| / max(||H theta*||, ||grad L(theta_0)||)`` exceeds this
+      (None: no check).
 
   Returns:
     A decorator.
@@ -72,11 +86,19 @@ def implicit_argmin(inner_loss, *, solver=None, has_aux=False, on_divergence="wa
   def check(params, hparams, args, kwargs):
     validation.check_scalar_loss(call, "inner_loss", inner_loss, params, hparams, *args, **kwargs)
 
-  return _decorator(call, condition, check, solver, True, has_aux, on_divergence)
+  checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
+  return _decorator(call, condition, check, solver, True, has_aux, checks)
 
 
 def implicit_root(
-  optimality_fn, *, solver=None, has_aux=False, on_divergence="warn", symmetric=False
+  optimality_fn,
+  *,
+  solver=None,
+  has_aux=False,
+  symmetric=False,
+  on_failure="warn",
+  tol=None,
+  stationarity_tol=trust.DEFAULT_STATIONARITY_TOL,
 ):
   r"""Decorates a solver of ``optimality_fn(params, hparams, *args) = 0`` with implicit derivatives.
 
@@ -96,8 +118,11 @@ def implicit_root(
     solver: a linear solver, or a function ``solve(matvec, b) -> x``; `ih.BiCGStab()`
       when None.
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
-    on_divergence: "warn", "raise" or "ignore"; see `implicit_argmin`.
     symmetric: promise that ``dF/dparams`` is symmetric, allowing symmetric-only solvers.
+    on_failure: "warn", "raise" or "ignore"; see `implicit_argmin`.
+    tol: also flag backward solves whose relative residual exceeds `tol`.
+    stationarity_tol: flag roots with ``||F(theta*)|| / max(||A theta*||,
+      ||F(theta_0)||)`` above this (None: no check).
 
   Returns:
     A decorator for ``solve(init_params, hparams, *args, **kwargs)``.
@@ -122,10 +147,19 @@ def implicit_root(
     out = jax.eval_shape(optimality_fn, params, hparams, *args, **kwargs)
     validation.check_same_structure(call, "the output of `optimality_fn`", out, params, "params")
 
-  return _decorator(call, optimality_fn, check, solver, symmetric, has_aux, on_divergence)
+  checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
+  return _decorator(call, optimality_fn, check, solver, symmetric, has_aux, checks)
 
 
-def implicit_fixed_point(fixed_point_fn, *, solver=None, has_aux=False, on_divergence="warn"):
+def implicit_fixed_point(
+  fixed_point_fn,
+  *,
+  solver=None,
+  has_aux=False,
+  on_failure="warn",
+  tol=None,
+  stationarity_tol=trust.DEFAULT_STATIONARITY_TOL,
+):
   r"""Decorates a solver of ``theta = T(theta, hparams, *args)`` with implicit derivatives.
 
   With ``J = dT/dtheta`` at the fixed point,
@@ -143,7 +177,10 @@ def implicit_fixed_point(fixed_point_fn, *, solver=None, has_aux=False, on_diver
     solver: a linear solver for ``I - J``, or a function ``solve(matvec, b) -> x``;
       `ih.BiCGStab()` when None.
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
-    on_divergence: "warn", "raise" or "ignore"; see `implicit_argmin`.
+    on_failure: "warn", "raise" or "ignore"; see `implicit_argmin`.
+    tol: also flag backward solves whose relative residual exceeds `tol`.
+    stationarity_tol: flag fixed points with ``||theta* - T(theta*)||`` above this,
+      relative as in `implicit_root` (None: no check).
 
   Returns:
     A decorator for ``solve(init_params, hparams, *args, **kwargs)``.
@@ -172,7 +209,8 @@ def implicit_fixed_point(fixed_point_fn, *, solver=None, has_aux=False, on_diver
     out = jax.eval_shape(fixed_point_fn, params, hparams, *args, **kwargs)
     validation.check_same_structure(call, "the output of `fixed_point_fn`", out, params, "params")
 
-  return _decorator(call, condition, check, solver, False, has_aux, on_divergence)
+  checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
+  return _decorator(call, condition, check, solver, False, has_aux, checks)
 
 
 def _check_callable(call, name, fn):
@@ -180,10 +218,8 @@ def _check_callable(call, name, fn):
     raise TypeError(f"`{call}({name}=...)` must be callable, got {fn!r}.")
 
 
-def _decorator(call, condition, check, solver, symmetric, has_aux, on_divergence):
+def _decorator(call, condition, check, solver, symmetric, has_aux, checks):
   """The decorator shared by the three forms; `condition` is the F whose root is solved."""
-  rule.check_policy(call, on_divergence)
-  report = rule.reporter(call, on_divergence)
 
   def decorator(inner_solver, *args, **kwargs):
     if args or kwargs:
@@ -198,6 +234,8 @@ def _decorator(call, condition, check, solver, symmetric, has_aux, on_divergence
     @functools.wraps(inner_solver)
     def wrapper(init_params, hparams, *args, **kwargs):
       validation.check_float_tree(call, "hparams", hparams)
+      validation.check_real_tree(call, "init_params", init_params)
+      report = trust.reporter(call, checks)
       out = inner_solver(
         *rule.stop_gradient_arrays((init_params, hparams, *args)),
         **rule.stop_gradient_arrays(kwargs),
@@ -227,6 +265,7 @@ def _decorator(call, condition, check, solver, symmetric, has_aux, on_divergence
         solver=solver,
         symmetric=symmetric,
         report=report,
+        init_params=None if checks.stationarity_tol is None else init_params,
       )
       return (params, rule.stop_gradient_arrays(aux)) if has_aux else params
 

@@ -15,9 +15,7 @@ is, and second derivatives (`jax.hessian`) differentiate the rule itself, never 
 inner solver, whose output enters with its own derivative stopped.
 """
 
-import functools
 import numbers
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -27,18 +25,10 @@ from jax.custom_derivatives import SymbolicZero
 
 from implicit_hyper._src import operators
 
-DIVERGENCE_POLICIES = ("warn", "raise", "ignore")
 
-
-class HypergradientWarning(RuntimeWarning):
-  """Issued when the linear solve behind a hypergradient diverged or is not finite."""
-
-
-class HypergradientError(FloatingPointError):
-  """Raised by the ``"raise"`` policy when the linear solve behind a hypergradient failed."""
-
-
-def implicit_solution(condition, params, hparams, args, *, solver, symmetric, report):
+def implicit_solution(
+  condition, params, hparams, args, *, solver, symmetric, report, init_params=None
+):
   """Returns `params` carrying the derivatives of the implicit function theorem.
 
   Args:
@@ -51,12 +41,10 @@ def implicit_solution(condition, params, hparams, args, *, solver, symmetric, re
     symmetric: whether ``dF/dparams`` is symmetric (then the transposed solve reuses
       `matvec`).
     report: ``report(info)``, called (traced) with every solve's `SolveInfo`.
+    init_params: the inner solver's starting point; when given, `SolveInfo.stationarity`
+      reports ``||F(params)|| / max(||A params||, ||F(init_params)||)``, which for a
+      quadratic is the relative residual of the normal equations ``A theta = -F(0)``.
   """
-
-  def solve(matvec, b):
-    x, info, _ = solver.solve(matvec, b)
-    report(info)
-    return x
 
   @jax.custom_jvp
   def solution(params, hparams, args):
@@ -83,6 +71,13 @@ def implicit_solution(condition, params, hparams, args, *, solver, symmetric, re
       condition_of_moving, tuple(leaves[i] for i in moving), tuple(dots[i] for i in moving)
     )
     matvec = operators.jacobian_product(condition, params, hparams, args)
+    stationarity = relative_stationarity(condition, matvec, params, hparams, args, init_params)
+
+    def solve(matvec, b):
+      x, info, _ = solver.solve(matvec, b)
+      report(info._replace(stationarity=stationarity.astype(info.residual_norm.dtype)))
+      return x
+
     params_dot = jax.lax.custom_linear_solve(
       matvec, otu.tree_scale(-1.0, rhs), solve, transpose_solve=solve, symmetric=symmetric
     )
@@ -92,43 +87,13 @@ def implicit_solution(condition, params, hparams, args, *, solver, symmetric, re
   return solution(jax.lax.stop_gradient(params), hparams, tuple(args))
 
 
-def check_policy(call: str, policy) -> None:
-  """Raises unless `policy` is one of `DIVERGENCE_POLICIES`."""
-  if policy not in DIVERGENCE_POLICIES:
-    raise ValueError(
-      f"`{call}(on_divergence=...)` must be one of {DIVERGENCE_POLICIES}, got {policy!r}."
-    )
-
-
-def reporter(call: str, policy: str):
-  """``report(info)`` acting on a traced `SolveInfo` by `policy`, through a host callback."""
-  if policy == "ignore":
-    return lambda info: None
-  act = _raise_if_diverged if policy == "raise" else _warn_if_diverged
-
-  def report(info):
-    jax.debug.callback(functools.partial(act, call), info.diverged, info.residual_norm)
-
-  return report
-
-
-def _message(call, residual_norm):
-  return (
-    f"{call}: the linear solve behind the hypergradient diverged or is not finite "
-    f"(relative residual {np.max(residual_norm):.3g}); the hypergradient is not to be "
-    "trusted. Remedies: a smaller Neumann alpha, a `ridge`, `ih.CG`, or solving the "
-    "inner problem closer to a minimum (the Hessian must be positive definite)."
-  )
-
-
-def _warn_if_diverged(call, diverged, residual_norm):
-  if np.any(diverged):
-    warnings.warn(_message(call, residual_norm), HypergradientWarning, stacklevel=2)
-
-
-def _raise_if_diverged(call, diverged, residual_norm):
-  if np.any(diverged):
-    raise HypergradientError(_message(call, residual_norm))
+def relative_stationarity(condition, matvec, params, hparams, args, init_params):
+  """``||F(theta)|| / max(||A theta||, ||F(theta_0)||)`` (NaN without `init_params`)."""
+  norm = lambda p: otu.tree_norm(condition(p, hparams, *args))
+  if init_params is None:
+    return jnp.full((), jnp.nan)
+  scale = jnp.maximum(otu.tree_norm(matvec(params)), norm(init_params))
+  return norm(params) / jnp.where(scale > 0, scale, 1.0)
 
 
 def is_array(x) -> bool:

@@ -7,15 +7,34 @@ import jax.numpy as jnp
 
 
 def check_float_tree(call: str, name: str, tree) -> None:
-  """Raises `TypeError` unless every leaf of `tree` is a floating-point array."""
+  """Raises `TypeError` unless every leaf of `tree` is a real floating-point array."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     dtype = jnp.result_type(leaf)
-    if not jnp.issubdtype(dtype, jnp.inexact):
+    if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
-        f"`{call}`: `{name}` must hold floating-point arrays to be differentiated, but "
-        f"leaf {name}{jax.tree_util.keystr(path)} has dtype {dtype}. Cast it, e.g. "
-        f"`jnp.asarray(x, jnp.float32)`, or pass integer data (labels) in `*args`."
+        f"`{call}`: `{name}` must hold real floating-point arrays to be differentiated, "
+        f"but leaf {name}{jax.tree_util.keystr(path)} has dtype {dtype}. "
+        + _COMPLEX_HINT
+        * jnp.issubdtype(dtype, jnp.complexfloating)
+        + "Cast it, e.g. `jnp.asarray(x, jnp.float32)`, or pass integer data (labels) in "
+        "`*args`."
       )
+
+
+def check_real_tree(call: str, name: str, tree) -> None:
+  """Raises `TypeError` when a leaf of `tree` is complex (not supported: see the hint)."""
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
+      raise TypeError(
+        f"`{call}`: leaf {name}{jax.tree_util.keystr(path)} is complex "
+        f"({jnp.result_type(leaf)}). " + _COMPLEX_HINT
+      )
+
+
+_COMPLEX_HINT = (
+  "Complex parameters are not supported: the solvers assume a real inner product. Split "
+  "them into real and imaginary parts (a pytree of two real arrays). "
+)
 
 
 def check_same_structure(call: str, name: str, got, expected, expected_name: str) -> None:

@@ -1,0 +1,165 @@
+"""When a hypergradient can be trusted: the checks, the policies, and a record of every solve.
+
+A decorated inner solver claims that it returned a solution. The backward pass checks
+that claim (stationarity), the linear solve (divergence, negative curvature, and
+non-convergence when the user sets a tolerance), and acts by a policy: warn, raise, or
+ignore. The checks run on traced values and reach the host through `jax.debug.callback`,
+so they work eagerly and under `jit`, `vmap` and `pmap`; `record_solves` collects the
+`SolveInfo` of every solve for inspection.
+"""
+
+import contextlib
+import dataclasses
+import functools
+import os
+import sys
+import warnings
+from typing import Any
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from implicit_hyper._src.solvers import _base
+
+POLICIES = ("warn", "raise", "ignore")
+# ||F(theta*)|| / max(||A theta*||, ||F(theta_0)||) above this breaks the theorem's premise;
+# for a quadratic it is the relative residual of the normal equations. Chosen so that the
+# examples' inner solvers (converged to 1e-4 or better) pass and a few gradient steps fail.
+DEFAULT_STATIONARITY_TOL = 1e-2
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_RECORDERS: list[list] = []
+
+
+class HypergradientWarning(RuntimeWarning):
+  """Issued when a hypergradient is not to be trusted (see `SolveInfo` for the reasons)."""
+
+
+class HypergradientError(FloatingPointError):
+  """Raised by the ``"raise"`` policy when a hypergradient is not to be trusted."""
+
+
+class SolveRecord(NamedTuple):
+  """One solve seen by `record_solves`: which call, its `SolveInfo` (NumPy), where from."""
+
+  call: str
+  info: _base.SolveInfo
+  location: str
+  failures: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Checks:
+  """What makes a hypergradient untrustworthy, and what to do then.
+
+  Attributes:
+    on_failure: "warn" (a `HypergradientWarning` pointing at the user's call), "raise"
+      (a `HypergradientError`; under `jax.jit` JAX re-raises it as a runtime error that
+      carries its message), or "ignore".
+    tol: flag a backward solve whose relative residual exceeds this (None: flag only
+      divergence; a truncated Neumann series is inexact by design).
+    stationarity_tol: flag an inner solution whose relative stationarity exceeds this
+      (None: do not check).
+  """
+
+  on_failure: str = "warn"
+  tol: float | None = None
+  stationarity_tol: float | None = DEFAULT_STATIONARITY_TOL
+
+  def validate(self, call: str) -> "Checks":
+    if self.on_failure not in POLICIES:
+      raise ValueError(
+        f"`{call}(on_failure=...)` must be one of {POLICIES}, got {self.on_failure!r}."
+      )
+    for name in ("tol", "stationarity_tol"):
+      value = getattr(self, name)
+      if value is not None:
+        _base.check_nonnegative(call, name, value)
+    return self
+
+
+def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
+  """The reasons, in words, why a solve with this (host) `info` is not to be trusted."""
+  reasons = []
+  residual = np.max(info.residual_norm)
+  if np.any(info.diverged):
+    reasons.append(f"the linear solve diverged or is not finite (relative residual {residual:.3g})")
+  if np.any(info.negative_curvature):
+    reasons.append(
+      "the Hessian has negative curvature at the inner solution, which is then no strict "
+      "minimum (solve the inner problem closer to a minimum, add a `ridge`, or use ih.MINRES)"
+    )
+  if checks.tol is not None and not np.all(residual <= checks.tol):
+    reasons.append(f"the linear solve did not converge: relative residual {residual:.3g} > tol")
+  stationarity = np.asarray(info.stationarity)
+  if checks.stationarity_tol is not None and np.any(stationarity > checks.stationarity_tol):
+    reasons.append(
+      f"the inner solver's output is not a solution: relative stationarity "
+      f"{np.nanmax(stationarity):.3g} > {checks.stationarity_tol:g} (the theorem holds at a "
+      "stationary point; run the inner solver longer, or for a non-smooth problem "
+      "differentiate a proximal-gradient fixed point with `ih.implicit_fixed_point`)"
+    )
+  return tuple(reasons)
+
+
+def reporter(call: str, checks: Checks):
+  """``report(info)``: checks a traced `SolveInfo` on the host and acts by `checks`."""
+  location = _user_location()
+
+  def report(info):
+    jax.debug.callback(functools.partial(_act, call, checks, location), info)
+
+  return report
+
+
+@contextlib.contextmanager
+def record_solves():
+  """Collects a `SolveRecord` for every implicit solve run inside the block.
+
+  Works eagerly and under `jax.jit` (records arrive when the compiled code runs).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import implicit_hyper as ih
+    >>> loss = lambda w, lam: 0.5 * jnp.sum((w - 1.0) ** 2) + 0.5 * lam * jnp.sum(w**2)
+    >>> exact = lambda w0, lam: jnp.full(2, 1.0 / (1.0 + lam))
+    >>> solve = ih.implicit_argmin(loss, solver=ih.CG(steps=5))(exact)
+    >>> with ih.record_solves() as records:
+    ...   _ = jax.grad(lambda lam: jnp.sum(solve(jnp.zeros(2), lam)))(1.0)
+    >>> [(r.call, float(r.info.residual_norm), r.failures) for r in records]
+    [('implicit_argmin', 0.0, ())]
+  """
+  records: list = []
+  _RECORDERS.append(records)
+  try:
+    yield records
+  finally:
+    _RECORDERS.remove(records)
+
+
+def _act(call, checks, location, info):
+  info = jax.tree.map(np.asarray, info)
+  reasons = failures(info, checks)
+  for records in _RECORDERS:
+    records.append(SolveRecord(call, info, f"{location[0]}:{location[1]}", reasons))
+  if not reasons or checks.on_failure == "ignore":
+    return
+  message = f"{call}: the hypergradient is not to be trusted: " + "; ".join(reasons) + "."
+  if checks.on_failure == "raise":
+    raise HypergradientError(message)
+  # `warn_explicit` with a fresh registry: every occurrence is shown, attributed to the
+  # line of the user's code that called the library (not to JAX's callback machinery).
+  warnings.warn_explicit(message, HypergradientWarning, *location, registry={})
+
+
+def _user_location() -> tuple[str, int]:
+  """The file and line of the innermost caller outside this package and JAX."""
+  frame: Any = sys._getframe(1)
+  while frame is not None:
+    filename = os.path.abspath(frame.f_code.co_filename)
+    inside = filename.startswith(_PACKAGE_DIR) or f"{os.sep}jax{os.sep}" in filename
+    if not inside and "functools" not in filename and "contextlib" not in filename:
+      return filename, frame.f_lineno
+    frame = frame.f_back
+  return "<unknown>", 0
