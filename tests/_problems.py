@@ -55,12 +55,10 @@ class Ridge:
     return -(jnp.exp(lam) * w) * jnp.linalg.solve(self.hessian(lam), g)
 
 
-# `ih.hypergrad` jit-compiled, with the losses and the solver as static arguments.
-jit_hypergrad = jax.jit(
-  ih.hypergrad,
-  static_argnums=(0, 1),
-  static_argnames=("solver", "return_info"),
-)
+# `ih.hypergrad` and `ih.hypergrad_with_info` jit-compiled with the losses static; a solver
+# is a pytree, so it is an ordinary argument (a new `alpha` does not recompile).
+jit_hypergrad = jax.jit(ih.hypergrad, static_argnums=(0, 1))
+jit_hypergrad_with_info = jax.jit(ih.hypergrad_with_info, static_argnums=(0, 1))
 
 
 @functools.partial(jax.jit, static_argnums=0, static_argnames="steps")

@@ -28,8 +28,8 @@ def test_neumann_error_decays_geometrically_on_ridge():
 
   def error(steps):
     got = _problems.jit_hypergrad(
-      problem.outer_loss,
       problem.inner_loss,
+      problem.outer_loss,
       w,
       problem.lam,
       inner_args=(problem.x, problem.y),
@@ -67,8 +67,8 @@ def test_neumann_with_k_terms_equals_differentiating_k_unrolled_gd_steps_from_op
 
   unrolled = jax.jit(jax.grad(unrolled_objective))(log_decay)
   neumann = _problems.jit_hypergrad(
-    outer,
     inner,
+    outer,
     w_star,
     log_decay,
     inner_args=train,
@@ -81,15 +81,14 @@ def test_neumann_with_k_terms_equals_differentiating_k_unrolled_gd_steps_from_op
 def test_automatic_alpha_converges_on_positive_definite_hessian():
   problem = _problems.Ridge(d=10, seed=3)
   exact = problem.exact_hypergrad(problem.lam)
-  got, info = _problems.jit_hypergrad(
-    problem.outer_loss,
+  got, info, _ = _problems.jit_hypergrad_with_info(
     problem.inner_loss,
+    problem.outer_loss,
     problem.argmin(problem.lam),
     problem.lam,
     inner_args=(problem.x, problem.y),
     outer_args=(problem.x_val, problem.y_val),
     solver=ih.Neumann(steps=2000),
-    return_info=True,
   )
   assert _problems.relative_error(got, exact) < 1e-8
   assert not bool(info.diverged) and float(info.residual_norm) < 1e-8
@@ -97,8 +96,9 @@ def test_automatic_alpha_converges_on_positive_definite_hessian():
 
 def test_automatic_alpha_uses_inverse_of_largest_eigenvalue():
   a = jnp.diag(jnp.array([1.0, 3.0, 50.0]))
-  alpha = ih.Neumann(power_iterations=200).step_size(lambda v: a @ v, jnp.ones(3))
+  alpha, state = ih.Neumann(estimate_steps=200).step_size(lambda v: a @ v, jnp.ones(3), None)
   assert abs(float(alpha) - 1.0 / 50.0) < 1e-10
+  assert float(state.alpha) == float(alpha)  # kept for the next solves
 
 
 @pytest.mark.parametrize(
@@ -106,14 +106,14 @@ def test_automatic_alpha_uses_inverse_of_largest_eigenvalue():
 )
 def test_divergent_series_is_reported(eigenvalues):
   a = jnp.diag(jnp.array(eigenvalues))
-  _, info = ih.Neumann(steps=50, alpha=0.1).solve(lambda v: a @ v, jnp.ones(3))
+  _, info, _ = ih.Neumann(steps=50, alpha=0.1).solve(lambda v: a @ v, jnp.ones(3))
   assert bool(info.diverged) and float(info.residual_norm) > 1.0
 
 
 def test_zero_steps_gives_zero_and_one_step_gives_alpha_times_rhs():
   b = jnp.arange(1.0, 4.0)
-  x0, info0 = ih.Neumann(steps=0, alpha=0.3).solve(lambda v: 2.0 * v, b)
-  x1, _ = ih.Neumann(steps=1, alpha=0.3).solve(lambda v: 2.0 * v, b)
+  x0, info0, _ = ih.Neumann(steps=0, alpha=0.3).solve(lambda v: 2.0 * v, b)
+  x1, _, _ = ih.Neumann(steps=1, alpha=0.3).solve(lambda v: 2.0 * v, b)
   np.testing.assert_array_equal(x0, jnp.zeros(3))
   assert float(info0.residual_norm) == 1.0
   np.testing.assert_allclose(x1, 0.3 * b, rtol=1e-15)
@@ -127,3 +127,24 @@ def test_traced_alpha_is_accepted_under_jit():
     return ih.Neumann(steps=200, alpha=alpha).solve(lambda v: a @ v, jnp.ones(2))[0]
 
   np.testing.assert_allclose(solve(0.4), jnp.array([1.0, 0.5]), rtol=1e-12)
+
+
+def test_cached_step_is_reused_for_refresh_every_solves_then_reestimated():
+  """The state keeps ``1 / lambda_max`` of the operator it was estimated on for
+  `refresh_every` solves, even when the operator changes (as the Hessian does in training)."""
+  first, second = jnp.diag(jnp.array([1.0, 3.0, 50.0])), jnp.diag(jnp.array([1.0, 3.0, 10.0]))
+  solver = ih.Neumann(steps=5, estimate_steps=200, refresh_every=2)
+  state = solver.init(jnp.ones(3))
+  assert np.isnan(float(state.alpha))
+  alphas = []
+  for a in (first, second, second, second):
+    _, _, state = solver.solve(lambda v, a=a: a @ v, jnp.ones(3), state)
+    alphas.append(float(state.alpha))
+  np.testing.assert_allclose(alphas, [1 / 50, 1 / 50, 1 / 10, 1 / 10], rtol=1e-10)
+  assert int(state.count) == 4
+
+
+def test_fixed_alpha_keeps_no_state():
+  solver = ih.Neumann(steps=3, alpha=0.5)
+  assert solver.init(jnp.ones(3)) is None
+  assert solver.solve(lambda v: 2.0 * v, jnp.ones(3))[2] is None
