@@ -285,6 +285,16 @@ def test_bilevel_batches_stacks_argument_tuples_and_fast_forwards_on_resume():
     next(ih.bilevel_batches([], [], inner_steps=0))
 
 
+def test_a_bilevel_loop_with_another_solver_is_refused_unless_resume_is_forced(tmp_path):
+  run = dict(num_steps=2, checkpoint_dir=tmp_path, progress=False)
+  ih.fit(ridge_loop(), initial_state(), data, **run)
+  other = ridge_loop()._replace(config={**ridge_loop().config, "solver": "CG(steps=7)"})
+  with pytest.raises(ValueError, match=r"ckpt_00000002\.msgpack was saved with other settings: "):
+    ih.fit(other, initial_state(), data, **{**run, "num_steps": 3})
+  state, _ = ih.fit(other, initial_state(), data, resume="force", **{**run, "num_steps": 3})
+  assert int(state.step) == 3
+
+
 def test_quickstart_example_runs(tmp_path):
   spec = importlib.util.spec_from_file_location(
     "bilevel_quickstart", ROOT / "examples" / "bilevel_quickstart.py"
@@ -470,11 +480,6 @@ def test_callback_must_return_a_dict_of_scalars():
       progress=False,
       callback=lambda s, t: {"w": t.params},
     )
-
-
-def test_data_that_are_not_pairs_raise_naming_the_step():
-  with pytest.raises(TypeError, match=r"must give `\(inner_args, outer_args\)` pairs; at step 0"):
-    ih.fit(toy_loop(), toy_state(), lambda step: data(step)[0][0], num_steps=1, progress=False)
 
 
 def test_a_loop_that_skips_every_step_warns_that_the_hparams_are_frozen(tmp_path, capsys):

@@ -123,7 +123,16 @@ def load_checkpoint(path, like, *, config=None):
 def latest_checkpoint(directory):
   """The path of the highest-step ``ckpt_<step>.msgpack`` regular file in `directory`, or None.
 
-  Directories, FIFOs and other non-regular files named like checkpoints are ignored.
+  Directories, FIFOs and other non-regular files named like checkpoints are ignored; the
+  file is not read (`load_checkpoint` checks it).
+
+  Example:
+    >>> import tempfile
+    >>> with tempfile.TemporaryDirectory() as directory:
+    ...   for step in (1, 12, 3):
+    ...     _ = save_checkpoint(directory, {"step": step}, keep=3)
+    ...   latest_checkpoint(directory).name
+    'ckpt_00000012.msgpack'
   """
   found = _checkpoints(Path(directory))
   return found[0] if found else None

@@ -162,7 +162,7 @@ def fit(
     try:
       for step in range(start, num_steps):
         try:
-          inner_args, outer_args = _pair(next_args(step), step)
+          inner_args, outer_args = next_args(step)
         except StopIteration:
           break
         state, *outputs = step_fn(state, inner_args, outer_args)
@@ -210,7 +210,7 @@ def bilevel_batches(train, valid, *, inner_steps: int):
     except StopIteration:
       return
     for name, args in (("train", inner[0]), ("valid", outer)):
-      if not isinstance(args, tuple):
+      if not isinstance(args, tuple | list):
         raise TypeError(
           f"`bilevel_batches({name}=...)` must yield tuples of loss arguments such as "
           f"`(x, y)`, got a {type(args).__name__}; wrap a single array as `(x,)`."
@@ -284,15 +284,6 @@ def _replay(data, start, source):
         "a seeded iterable created afresh, or a callable `data(step)`."
       ) from None
   return lambda step: next(iterator)
-
-
-def _pair(item, step):
-  if not (isinstance(item, tuple | list) and len(item) == 2):
-    raise TypeError(
-      f"`fit(data=...)` must give `(inner_args, outer_args)` pairs; at step {step} it gave "
-      f"{type(item).__name__} {item!r:.80}."
-    )
-  return item
 
 
 @functools.lru_cache(maxsize=8)
