@@ -11,17 +11,16 @@ import implicit_hyper as ih
 RIDGE = _problems.Ridge()
 
 
-def _ridge_hypergrad(solver, problem=RIDGE, **kwargs):
+def _ridge_hypergrad(solver, problem=RIDGE, hypergrad=ih.hypergrad):
   w = problem.argmin(problem.lam)
-  return ih.hypergrad(
-    problem.outer_loss,
+  return hypergrad(
     problem.inner_loss,
+    problem.outer_loss,
     w,
     problem.lam,
     inner_args=(problem.x, problem.y),
     outer_args=(problem.x_val, problem.y_val),
     solver=solver,
-    **kwargs,
   )
 
 
@@ -32,7 +31,7 @@ def test_direct_matches_closed_form_ridge_hypergradient_to_1e10():
 
 def test_cg_with_as_many_steps_as_features_matches_closed_form_to_1e8():
   exact = RIDGE.exact_hypergrad(RIDGE.lam)
-  got, info = _ridge_hypergrad(ih.CG(steps=RIDGE.d, tol=0.0), return_info=True)
+  got, info, _ = _ridge_hypergrad(ih.CG(steps=RIDGE.d, tol=0.0), hypergrad=ih.hypergrad_with_info)
   assert _problems.relative_error(got, exact) < 1e-8
   assert int(info.num_steps) == RIDGE.d and not bool(info.diverged)
 
@@ -71,8 +70,8 @@ def test_hypergrad_matches_finite_differences_with_iteratively_solved_inner_prob
   w = solve(RIDGE.lam)
   assert float(jnp.linalg.norm(jax.grad(RIDGE.inner_loss)(w, RIDGE.lam, RIDGE.x, RIDGE.y))) < 1e-13
   got = ih.hypergrad(
-    RIDGE.outer_loss,
     RIDGE.inner_loss,
+    RIDGE.outer_loss,
     w,
     RIDGE.lam,
     inner_args=(RIDGE.x, RIDGE.y),
@@ -101,8 +100,8 @@ def test_direct_term_of_outer_loss_is_included():
 
   w = RIDGE.argmin(RIDGE.lam)
   got = ih.hypergrad(
-    outer,
     RIDGE.inner_loss,
+    outer,
     w,
     RIDGE.lam,
     inner_args=(RIDGE.x, RIDGE.y),
@@ -119,7 +118,7 @@ def digits():
   log_decay = jnp.full(64, -3.0)
   w = _problems.newton_argmin(inner, w0, log_decay, *train)
   exact = _problems.jit_hypergrad(
-    outer, inner, w, log_decay, inner_args=train, outer_args=val, solver=ih.Direct()
+    inner, outer, w, log_decay, inner_args=train, outer_args=val, solver=ih.Direct()
   )
   return inner, outer, w, log_decay, train, val, exact
 
@@ -127,7 +126,7 @@ def digits():
 def test_digits_logistic_cg_matches_direct(digits):
   inner, outer, w, log_decay, train, val, exact = digits
   got = _problems.jit_hypergrad(
-    outer, inner, w, log_decay, inner_args=train, outer_args=val, solver=ih.CG(steps=300)
+    inner, outer, w, log_decay, inner_args=train, outer_args=val, solver=ih.CG(steps=300)
   )
   assert _problems.relative_error(got, exact) < 1e-8
 
@@ -137,15 +136,8 @@ def test_digits_logistic_neumann_converges_to_direct(digits):
 
   def error(steps):
     solver = ih.Neumann(steps=steps)
-    got, info = _problems.jit_hypergrad(
-      outer,
-      inner,
-      w,
-      log_decay,
-      inner_args=train,
-      outer_args=val,
-      solver=solver,
-      return_info=True,
+    got, info, _ = _problems.jit_hypergrad_with_info(
+      inner, outer, w, log_decay, inner_args=train, outer_args=val, solver=solver
     )
     assert not bool(info.diverged)
     return _problems.relative_error(got, exact)
@@ -162,26 +154,65 @@ def test_hypergrad_reports_info_and_accepts_pytrees(digits):
   def inner_tree(w, h, x, y):
     return inner(w, h["decay"], x, y)
 
-  g, info = ih.hypergrad(
-    outer,
+  g, info, adjoint = ih.hypergrad_with_info(
     inner_tree,
+    outer,
     w,
     hparams,
     inner_args=train,
     outer_args=val,
     solver=ih.CG(steps=5),
-    return_info=True,
   )
   assert jax.tree.structure(g) == jax.tree.structure(hparams)
   assert info.residual_norm.shape == () and int(info.num_steps) == 5
+  # CG's state is its solution, the adjoint u of H u = dL_V/dw: a warm start for the next call.
+  assert jax.tree.structure(adjoint) == jax.tree.structure(w)
 
 
 def test_hypergrad_rejects_integer_hparams_and_nonscalar_losses():
   w = RIDGE.argmin(RIDGE.lam)
   args = dict(inner_args=(RIDGE.x, RIDGE.y), outer_args=(RIDGE.x_val, RIDGE.y_val))
   with pytest.raises(TypeError, match="hparams"):
-    ih.hypergrad(RIDGE.outer_loss, RIDGE.inner_loss, w, jnp.arange(RIDGE.d), **args)
+    ih.hypergrad(RIDGE.inner_loss, RIDGE.outer_loss, w, jnp.arange(RIDGE.d), **args)
   with pytest.raises(ValueError, match="inner_loss.*scalar"):
-    ih.hypergrad(RIDGE.outer_loss, lambda w, lam, x, y: w * lam, w, RIDGE.lam, **args)
+    ih.hypergrad(lambda w, lam, x, y: w * lam, RIDGE.outer_loss, w, RIDGE.lam, **args)
   with pytest.raises(ValueError, match="outer_loss.*scalar"):
-    ih.hypergrad(lambda w, lam, x, y: x @ w, RIDGE.inner_loss, w, RIDGE.lam, **args)
+    ih.hypergrad(RIDGE.inner_loss, lambda w, lam, x, y: x @ w, w, RIDGE.lam, **args)
+
+
+def test_returned_cg_state_warm_starts_the_next_call_at_the_adjoint():
+  w = RIDGE.argmin(RIDGE.lam)
+  args = dict(inner_args=(RIDGE.x, RIDGE.y), outer_args=(RIDGE.x_val, RIDGE.y_val))
+  solver = ih.CG(steps=50, tol=1e-8)
+  first, _, state = ih.hypergrad_with_info(
+    RIDGE.inner_loss, RIDGE.outer_loss, w, RIDGE.lam, solver=solver, **args
+  )
+  again, info, _ = ih.hypergrad_with_info(
+    RIDGE.inner_loss, RIDGE.outer_loss, w, RIDGE.lam, solver=solver, solver_state=state, **args
+  )
+  assert int(info.num_steps) == 0
+  np.testing.assert_array_equal(again, first)
+
+
+DIVERGING = ih.Neumann(steps=50, alpha=100.0)
+
+
+def test_diverging_solve_warns_by_default_raises_when_asked_and_is_reported_with_info():
+  w = RIDGE.argmin(RIDGE.lam)
+  args = dict(inner_args=(RIDGE.x, RIDGE.y), outer_args=(RIDGE.x_val, RIDGE.y_val))
+  with pytest.warns(ih.HypergradientWarning, match="diverged"):
+    ih.hypergrad(RIDGE.inner_loss, RIDGE.outer_loss, w, RIDGE.lam, solver=DIVERGING, **args)
+  with pytest.raises(ih.HypergradientError, match="diverged"):
+    ih.hypergrad(
+      RIDGE.inner_loss,
+      RIDGE.outer_loss,
+      w,
+      RIDGE.lam,
+      solver=DIVERGING,
+      on_failure="raise",
+      **args,
+    )
+  _, info, _ = ih.hypergrad_with_info(
+    RIDGE.inner_loss, RIDGE.outer_loss, w, RIDGE.lam, solver=DIVERGING, **args
+  )
+  assert bool(info.diverged)
