@@ -26,12 +26,12 @@ def cross_entropy(params, x, y):
   return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, y[:, None], 1)[:, 0])
 
 
-def train_loss(params, hparams, batch):  # the losses see the constrained decay, exp(raw) > 0
-  return cross_entropy(params, *batch) + 0.5 * jnp.sum(hparams["decay"][:, None] * params["w"] ** 2)
+def train_loss(params, hparams, x, y):  # the losses see the constrained decay, exp(raw) > 0
+  return cross_entropy(params, x, y) + 0.5 * jnp.sum(hparams["decay"][:, None] * params["w"] ** 2)
 
 
-def val_loss(params, hparams, batch):
-  return cross_entropy(params, *batch)
+def val_loss(params, hparams, x, y):
+  return cross_entropy(params, x, y)
 
 
 def main(argv=None):
@@ -44,7 +44,7 @@ def main(argv=None):
   x = x / 16.0
   x_train, y_train, x_val, y_val = x[:200], y[:200], x[200:1000], y[200:1000]
 
-  def batches(step):  # the same batches for the same step, so that a resumed run is identical
+  def batches(step):  # (inner_args, outer_args), the same for the same step: exact resumption
     rng = np.random.default_rng(step)
     i, j = rng.integers(0, 200, (10, 50)), rng.integers(0, 800, 200)
     return (x_train[i], y_train[i]), (x_val[j], y_val[j])

@@ -62,15 +62,15 @@ def evaluate(params, batch):
   return cross_entropy(params, batch), jnp.mean(jnp.argmax(mlp(params, x), axis=1) == labels)
 
 
-def train_loss(params, decay, batch):
+def train_loss(params, decay, x, y):
   """Cross-entropy plus ``sum_i decay_i w_i^2 / 2``, one decay per weight."""
   penalty = otu.tree_sum(jax.tree.map(lambda w, d: jnp.sum(d * w**2), params, decay))
-  return cross_entropy(params, batch) + 0.5 * penalty
+  return cross_entropy(params, (x, y)) + 0.5 * penalty
 
 
-def val_loss(params, decay, batch):
+def val_loss(params, decay, x, y):
   del decay
-  return cross_entropy(params, batch)
+  return cross_entropy(params, (x, y))
 
 
 def main(argv=None):

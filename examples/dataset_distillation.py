@@ -122,7 +122,7 @@ def newton_cg(loss, params, images, labels, *, iterations):
   def step(_, params):
     gradient = jax.grad(loss)(params, images, labels)
     hessian = ih.hessian_vector_product(loss, params, images, (labels,))
-    direction, _ = newton_direction.solve(hessian, gradient)
+    direction, _, _ = newton_direction.solve(hessian, gradient)
     return otu.tree_sub(params, direction)
 
   return jax.lax.fori_loop(0, iterations, step, params)

@@ -132,7 +132,7 @@ class FewShot:
     never sees the inner steps, does nothing to avoid that.
     """
     hessian = ih.hessian_vector_product(self.inner_loss, phi, theta, (x, y))
-    step_size = self.args.step_scale / ih.max_eigenvalue(hessian, phi, num_iters=20)
+    step_size = self.args.step_scale / ih.max_eigenvalue(hessian, phi, steps=20)
     optimiser = optax.sgd(step_size, momentum=self.args.momentum or None, nesterov=True)
 
     def step(_, carry):

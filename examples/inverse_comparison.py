@@ -87,7 +87,7 @@ def compare(solver_steps, params, log_decay, train, val):
 
   def hypergradient(solver):
     return ih.hypergrad(
-      mse, train_loss, params, log_decay, inner_args=train, outer_args=val, solver=solver
+      train_loss, mse, params, log_decay, inner_args=train, outer_args=val, solver=solver
     )
 
   hessian = ih.hessian_vector_product(train_loss, params, log_decay, train)
@@ -125,7 +125,7 @@ def train_jointly(args, train, val):
   @jax.jit
   def hyper_step(params, log_decay, outer_state):
     grad = ih.hypergrad(
-      mse, train_loss, params, log_decay, inner_args=train, outer_args=val, solver=ih.Direct()
+      train_loss, mse, params, log_decay, inner_args=train, outer_args=val, solver=ih.Direct()
     )
     updates, outer_state = outer_optimiser.update(grad, outer_state)
     return optax.apply_updates(log_decay, updates), outer_state

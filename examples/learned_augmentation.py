@@ -139,14 +139,13 @@ def make_losses(augmenter, classifier, l2):
     x, y = batch
     return cross_entropy(params, x, y) + 0.5 * l2 * otu.tree_norm(params, squared=True)
 
-  def augmented_train_loss(params, augmenter_params, batch):
-    x, y, noise = batch
+  def augmented_train_loss(params, augmenter_params, x, y, noise):
     augmented = augmenter.apply({"params": augmenter_params}, x, noise)
     return clean_train_loss(params, (augmented, y))
 
-  def validation_loss(params, augmenter_params, batch):
+  def validation_loss(params, augmenter_params, x, y):
     del augmenter_params  # Validation images are clean.
-    return cross_entropy(params, *batch)
+    return cross_entropy(params, x, y)
 
   return augmented_train_loss, clean_train_loss, validation_loss
 
@@ -209,10 +208,9 @@ class Experiment:
       optax.adam(args.inner_lr),
       optax.adam(args.outer_lr),
       inner_steps=args.inner_steps,
-      solver=ih.Neumann(steps=args.neumann_steps),
       # The classifier trains from scratch and its curvature grows fast: with the default
       # estimate of the Neumann step every 10 hyper steps, most early series diverge.
-      refresh_every=2,
+      solver=ih.Neumann(steps=args.neumann_steps, refresh_every=2),
     )
     self.hyper_step = jax.jit(self.loop.step)
     self.inner_optimizer = inner_optimizer = optax.adam(args.inner_lr)

@@ -62,18 +62,17 @@ def parse_args(argv=None):
 def make_losses(model):
   """The training loss with one decay per weight, and the validation loss."""
 
-  def cross_entropy(params, batch):
-    x, y = batch
+  def cross_entropy(params, x, y):
     logits = model.apply({"params": params}, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-  def train_loss(params, decay, batch):
+  def train_loss(params, decay, x, y):
     penalty = otu.tree_sum(jax.tree.map(lambda w, d: jnp.sum(d * w**2), params, decay))
-    return cross_entropy(params, batch) + 0.5 * penalty
+    return cross_entropy(params, x, y) + 0.5 * penalty
 
-  def validation_loss(params, decay, batch):
+  def validation_loss(params, decay, x, y):
     del decay  # The decays reach the validation loss only through the trained weights.
-    return cross_entropy(params, batch)
+    return cross_entropy(params, x, y)
 
   return train_loss, validation_loss
 
@@ -84,7 +83,7 @@ def train_with_fixed_decays(train_loss, params, decay, train, *, steps, learning
 
   def update(carry, _):
     params, opt_state = carry
-    updates, opt_state = optimizer.update(jax.grad(train_loss)(params, decay, train), opt_state)
+    updates, opt_state = optimizer.update(jax.grad(train_loss)(params, decay, *train), opt_state)
     return (optax.apply_updates(params, updates), opt_state), None
 
   run = jax.jit(lambda params: jax.lax.scan(update, (params, optimizer.init(params)), length=steps))
@@ -143,7 +142,7 @@ def main(argv=None):
   state = loop.init(params, log_decay)
   step = jax.jit(loop.step)
   # Full-batch training: every inner step sees all 50 training images.
-  inner_batches = jax.tree.map(lambda a: jnp.broadcast_to(a, (args.inner_steps, *a.shape)), train)
+  inner_args = jax.tree.map(lambda a: jnp.broadcast_to(a, (args.inner_steps, *a.shape)), train)
 
   @jax.jit
   def accuracies(params):
@@ -153,7 +152,7 @@ def main(argv=None):
     return accuracy(*train), accuracy(*validation), accuracy(*test)
 
   start = time.perf_counter()
-  jax.block_until_ready(step.lower(state, inner_batches, validation).compile())
+  jax.block_until_ready(step.lower(state, inner_args, validation).compile())
   compile_seconds = time.perf_counter() - start
 
   history = {"step": [], "train_acc": [], "val_acc": [], "test_acc": []}
@@ -161,7 +160,7 @@ def main(argv=None):
   bar = cli.progress(range(1, args.hyper_steps + 1), desc="hyper steps")
   for t in bar:
     start = time.perf_counter()
-    state, metrics = jax.block_until_ready(step(state, inner_batches, validation))
+    state, metrics = jax.block_until_ready(step(state, inner_args, validation))
     step_seconds += time.perf_counter() - start
     skipped = int(metrics.num_skipped)
     if t in record_at:

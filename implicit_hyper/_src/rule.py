@@ -47,15 +47,15 @@ def implicit_solution(
   """
 
   @jax.custom_jvp
-  def solution(params, hparams, args):
+  def solution(params, init_params, hparams, args):
     return params
 
   def solution_jvp(primals, tangents):
-    params, hparams, args = primals
-    _, hparams_dot, args_dot = tangents
+    params, init_params, hparams, args = primals
+    _, _, hparams_dot, args_dot = tangents
     # The solution again through this rule, so that differentiating the rule itself
     # (second derivatives) sees theta* move with hparams by the theorem.
-    params = solution(params, hparams, args)
+    params = solution(params, init_params, hparams, args)
     leaves, treedef = jax.tree.flatten((hparams, args))
     dots = treedef.flatten_up_to((hparams_dot, args_dot))
     moving = [i for i, dot in enumerate(dots) if not isinstance(dot, SymbolicZero)]
@@ -84,7 +84,7 @@ def implicit_solution(
     return params, params_dot
 
   solution.defjvp(solution_jvp, symbolic_zeros=True)
-  return solution(jax.lax.stop_gradient(params), hparams, tuple(args))
+  return solution(jax.lax.stop_gradient(params), init_params, hparams, tuple(args))
 
 
 def relative_stationarity(condition, matvec, params, hparams, args, init_params):
