@@ -1,6 +1,8 @@
 """Tests of `ih.bilevel`: the alternating loop of Lorraine et al. (2020), Algorithm 1."""
 
+import dataclasses
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -12,27 +14,26 @@ from sklearn.datasets import load_digits
 import implicit_hyper as ih
 
 RIDGE_INNER_STEPS = 20
-NEUMANN = ih.Neumann(steps=20, power_iterations=100)
-CG = ih.CG(steps=20, tol=1e-4)
+NEUMANN = ih.Neumann(steps=20, estimate_steps=100)  # refresh_every=10
+CG = ih.CG(steps=20, tol=1e-4)  # warm_start=True
 
 
-def squared_error(w, batch):
-  x, y = batch
+def squared_error(w, x, y):
   return 0.5 * ((x @ w - y) ** 2).mean()
 
 
-def ridge_loss(w, decay, batch):
-  return squared_error(w, batch) + 0.5 * decay * w @ w
+def ridge_loss(w, decay, x, y):
+  return squared_error(w, x, y) + 0.5 * decay * w @ w
 
 
-def validation_loss(w, decay, batch):
+def validation_loss(w, decay, x, y):
   del decay
-  return squared_error(w, batch)
+  return squared_error(w, x, y)
 
 
 def repeat(batch, times):
-  """The same (full) batch for every inner step."""
-  return jax.tree.map(lambda a: np.broadcast_to(a, (times, *a.shape)), batch)
+  """The same (full) batch for every inner step: a tuple of arrays with a leading axis."""
+  return tuple(np.broadcast_to(a, (times, *a.shape)) for a in batch)
 
 
 @functools.cache
@@ -54,7 +55,7 @@ def ridge_solution(decay, train):
 
 
 @functools.cache
-def ridge_loop(solver, warm_start=True):
+def ridge_loop(solver):
   loop = ih.bilevel(
     ridge_loss,
     validation_loss,
@@ -63,14 +64,13 @@ def ridge_loop(solver, warm_start=True):
     inner_steps=RIDGE_INNER_STEPS,
     solver=solver,
     hparam_transform="exp",
-    warm_start=warm_start,
   )
   return loop, jax.jit(loop.step)
 
 
-def run_ridge(solver, num_steps, *, decay=3.0, warm_start=True, outer_batches=None):
+def run_ridge(solver, num_steps, *, decay=3.0, outer_batches=None):
   train, valid = ridge_data()
-  loop, step = ridge_loop(solver, warm_start)
+  loop, step = ridge_loop(solver)
   state = loop.init(jnp.zeros(train[0].shape[1]), jnp.log(decay))
   inner_batches = repeat(train, RIDGE_INNER_STEPS)
   states, metrics = [state], []
@@ -85,14 +85,14 @@ def run_ridge(solver, num_steps, *, decay=3.0, warm_start=True, outer_batches=No
 def test_ridge_weight_decay_reaches_best_validation_loss_of_closed_form_grid(solver):
   train, valid = ridge_data()
   grid = np.logspace(-4, 2, 3001)
-  grid_losses = [float(squared_error(ridge_solution(c, train), valid)) for c in grid]
+  grid_losses = [float(squared_error(ridge_solution(c, train), *valid)) for c in grid]
   best = min(grid_losses)
-  start = squared_error(ridge_solution(3.0, train), valid)
+  start = squared_error(ridge_solution(3.0, train), *valid)
   assert start > 1.2 * best  # the untuned decay is clearly worse
 
   states, metrics = run_ridge(solver, 120, decay=3.0)
 
-  final = validation_loss(states[-1].params, None, valid)
+  final = validation_loss(states[-1].params, None, *valid)
   assert final <= 1.01 * best
   decay = float(jnp.exp(states[-1].hparams))
   assert abs(np.log(decay / grid[np.argmin(grid_losses)])) < 0.1
@@ -118,12 +118,13 @@ def test_nan_in_hypergradient_is_skipped_and_counted():
     assert np.array_equal(a, b)
   assert not np.array_equal(states[4].hparams, states[3].hparams)  # training goes on
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(states[-1].outer_opt_state))
-  # The skipped step drops the cached Neumann step; the next one estimates it afresh.
-  assert np.isnan(float(states[3].neumann_alpha))
+  # The skipped step resets the solver state (the cached Neumann step) to `solver.init`;
+  # the next one estimates the step afresh.
+  assert np.isnan(float(states[3].solver_state.alpha))
   x = train[0]
   hessian = x.T @ x / len(x) + float(jnp.exp(states[3].hparams)) * np.eye(x.shape[1])
   np.testing.assert_allclose(
-    float(states[4].neumann_alpha), 1 / np.linalg.eigvalsh(hessian)[-1], rtol=1e-4
+    float(states[4].solver_state.alpha), 1 / np.linalg.eigvalsh(hessian)[-1], rtol=1e-4
   )
 
 
@@ -131,7 +132,7 @@ def test_neumann_step_is_cached_and_refreshed_every_m_steps():
   train, _ = ridge_data()
   x = train[0]
   states, _ = run_ridge(NEUMANN, 21)
-  alphas = [float(s.neumann_alpha) for s in states[1:]]  # after hyper steps 0..20
+  alphas = [float(s.solver_state.alpha) for s in states[1:]]  # after hyper steps 0..20
   assert len(set(alphas[0:10])) == 1 and len(set(alphas[10:20])) == 1
   assert alphas[9] != alphas[10] != alphas[20]
   for k in (0, 10, 20):
@@ -143,12 +144,13 @@ def test_neumann_step_is_cached_and_refreshed_every_m_steps():
 def test_cg_warm_start_from_previous_adjoint_needs_fewer_iterations():
   train, valid = ridge_data()
   warm_states, warm = run_ridge(CG, 120)
-  _, cold = run_ridge(CG, 120, warm_start=False)
+  _, cold = run_ridge(dataclasses.replace(CG, warm_start=False), 120)
 
   state, x = warm_states[-1], train[0]
   hessian = x.T @ x / len(x) + float(jnp.exp(warm_states[-2].hparams)) * np.eye(x.shape[1])
-  grad_params = jax.grad(validation_loss)(state.params, None, valid)
-  residual = np.linalg.norm(hessian @ state.adjoint - grad_params) / np.linalg.norm(grad_params)
+  grad_params = jax.grad(validation_loss)(state.params, None, *valid)
+  adjoint = state.solver_state  # CG's state: its last solution
+  residual = np.linalg.norm(hessian @ adjoint - grad_params) / np.linalg.norm(grad_params)
   assert residual <= 1e-4  # the state holds the last solve's adjoint
   warm_iterations = sum(int(m.solver_steps) for m in warm[60:])
   cold_iterations = sum(int(m.solver_steps) for m in cold[60:])
@@ -166,16 +168,15 @@ def test_per_feature_weight_decay_lowers_digits_validation_loss():
   )
   inner_steps = 10
 
-  def cross_entropy(params, batch):
+  def cross_entropy(params, inputs, labels):
     w, b = params
-    inputs, labels = batch
     logits = inputs @ w + b
     return jnp.mean(
       jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, labels[:, None], 1)[:, 0]
     )
 
-  def train_loss(params, decay, batch):  # one decay per input feature
-    return cross_entropy(params, batch) + 0.5 * jnp.sum(decay[:, None] * params[0] ** 2)
+  def train_loss(params, decay, inputs, labels):  # one decay per input feature
+    return cross_entropy(params, inputs, labels) + 0.5 * jnp.sum(decay[:, None] * params[0] ** 2)
 
   def data(step):
     rng = np.random.default_rng([1, step])
@@ -183,19 +184,7 @@ def test_per_feature_weight_decay_lowers_digits_validation_loss():
     val_rows = rng.choice(len(x_val), 100, replace=False)
     return (x_train[rows], y_train[rows]), (x_val[val_rows], y_val[val_rows])
 
-  full_validation_loss = jax.jit(lambda params: cross_entropy(params, (x_val, y_val)))
-
-  def make(outer_optimizer):
-    loop = ih.bilevel(
-      train_loss,
-      lambda p, decay, batch: cross_entropy(p, batch),
-      optax.sgd(1.0),
-      outer_optimizer,
-      inner_steps=inner_steps,
-      solver=ih.Neumann(steps=10),
-      hparam_transform="exp",
-    )
-    return loop, jax.jit(loop.step)
+  full_validation_loss = jax.jit(lambda params: cross_entropy(params, x_val, y_val))
 
   raw_decay = jnp.full(64, np.log(1e-3))
 
@@ -203,14 +192,14 @@ def test_per_feature_weight_decay_lowers_digits_validation_loss():
   def pretrain(params):  # full-batch gradient descent to the untuned optimum
     grad = jax.grad(train_loss)
     step = lambda _, p: optax.apply_updates(
-      p, jax.tree.map(lambda g: -g, grad(p, jnp.exp(raw_decay), (x_train, y_train)))
+      p, jax.tree.map(lambda g: -g, grad(p, jnp.exp(raw_decay), x_train, y_train))
     )
     return jax.lax.fori_loop(0, 500, step, params)
 
   pretrained = pretrain((jnp.zeros((64, 10)), jnp.zeros(10)))
   loop = ih.bilevel(
     train_loss,
-    lambda params, decay, batch: cross_entropy(params, batch),
+    lambda params, decay, inputs, labels: cross_entropy(params, inputs, labels),
     optax.sgd(1.0),
     optax.adam(0.1),
     inner_steps=inner_steps,
@@ -233,9 +222,9 @@ def test_per_feature_weight_decay_lowers_digits_validation_loss():
 def test_jitted_step_traces_once_across_hyper_steps():
   traces = []
 
-  def counted_loss(w, decay, batch):
+  def counted_loss(w, decay, x, y):
     traces.append(None)
-    return ridge_loss(w, decay, batch)
+    return ridge_loss(w, decay, x, y)
 
   loop = ih.bilevel(
     counted_loss, validation_loss, optax.sgd(0.1), optax.adam(0.1), inner_steps=3, solver=ih.CG()
@@ -254,11 +243,11 @@ def test_jitted_step_traces_once_across_hyper_steps():
 def test_hparam_transform_hypergradient_follows_chain_rule():
   train, valid = ridge_data()
 
-  def outer(w, h, batch):
-    return h["scale"] * squared_error(w, batch)
+  def outer(w, h, x, y):
+    return h["scale"] * squared_error(w, x, y)
 
-  def inner(w, h, batch):
-    return ridge_loss(w, h["decay"], batch)
+  def inner(w, h, x, y):
+    return ridge_loss(w, h["decay"], x, y)
 
   loop = ih.bilevel(
     inner,
@@ -278,7 +267,7 @@ def test_hparam_transform_hypergradient_follows_chain_rule():
   np.testing.assert_allclose(constrained["scale"], np.log1p(np.exp(0.3)))
   grads = jax.jit(
     lambda w, h: ih.hypergrad(
-      outer, inner, w, h, inner_args=(train,), outer_args=(valid,), solver=ih.Direct()
+      inner, outer, w, h, inner_args=train, outer_args=valid, solver=ih.Direct()
     )
   )(w, constrained)
   expected = {
@@ -307,5 +296,14 @@ def test_bad_settings_and_batches_are_rejected_with_named_arguments():
     )
   loop = ih.bilevel(ridge_loss, validation_loss, sgd, sgd, inner_steps=4)
   train, valid = ridge_data()
-  with pytest.raises(ValueError, match=r"inner_batches\[0\] has shape \(3, 30, 20\)"):
+  with pytest.raises(ValueError, match=r"inner_args\[0\] has shape \(3, 30, 20\)"):
     loop.step(loop.init(jnp.zeros(20), jnp.array(0.1)), repeat(train, 3), valid)
+
+
+def test_config_holds_the_loop_settings_as_json():
+  loop = ih.bilevel(
+    ridge_loss, validation_loss, optax.sgd(0.1), optax.adam(0.1), inner_steps=3, solver=CG
+  )
+  config = json.loads(json.dumps(loop.config))
+  assert config["inner_steps"] == 3 and config["method"] == "implicit"
+  assert config["solver"] == repr(CG)
