@@ -45,13 +45,13 @@ def test_unrolled_hypergradient_matches_finite_differences_of_unrolled_objective
   optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=lr, momentum=momentum)
   grads = jax.jit(
     lambda w0, decay, lr: ih.unrolled_hypergrad(
-      outer_quadratic,
       inner_quadratic(a),
+      outer_quadratic,
       optimizer,
       w0,
       decay,
-      inner_batches=bs,
-      outer_batch=c,
+      inner_args=(bs,),
+      outer_args=(c,),
       opt_hparams={"learning_rate": lr},
     )
   )
@@ -69,13 +69,13 @@ def test_unrolled_steps_are_rematerialised():
   a, bs, w0, c = quadratic_problem()
   jaxpr = jax.make_jaxpr(
     lambda lr: ih.unrolled_hypergrad(
-      outer_quadratic,
       inner_quadratic(a),
+      outer_quadratic,
       optax.inject_hyperparams(optax.sgd)(learning_rate=0.1),
       w0,
       0.0,
-      inner_batches=bs,
-      outer_batch=c,
+      inner_args=(bs,),
+      outer_args=(c,),
       opt_hparams={"learning_rate": lr},
     )
   )(0.1)
@@ -107,7 +107,7 @@ def test_loop_combines_unrolled_learning_rate_and_loss_hypergradients(method):
   loop = mixed_loop(method, unroll_steps=3)
   raw = {"learning_rate": jnp.log(0.1), "decay": jnp.log(0.2)}
   state = loop.init(w0, raw)
-  new_state, metrics = jax.jit(loop.step)(state, bs, c)
+  new_state, metrics = jax.jit(loop.step)(state, (bs,), (c,))
 
   optimizer = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1, momentum=0.5)
   inner = inner_quadratic(a)
@@ -119,19 +119,19 @@ def test_loop_combines_unrolled_learning_rate_and_loss_hypergradients(method):
       updates, opt_state = optimizer.update(jax.grad(inner)(w, 0.2, b), opt_state, w)
       w = optax.apply_updates(w, updates)
     d_decay_unrolled, d_opt = ih.unrolled_hypergrad(
-      outer_quadratic,
       inner,
+      outer_quadratic,
       optimizer,
       w,
       0.2,
-      inner_batches=bs[5:],
-      outer_batch=c,
+      inner_args=(bs[5:],),
+      outer_args=(c,),
       opt_state=opt_state,
       opt_hparams={"learning_rate": 0.1},
     )
     d_decay_implicit = ih.hypergrad(
-      outer_quadratic,
       inner,
+      outer_quadratic,
       final_params,
       0.2,
       inner_args=(bs[-1],),
@@ -163,13 +163,12 @@ def test_unrolled_learning_rate_and_implicit_decay_tune_a_small_regression_in_on
 
   train, valid = sample(100), sample(200)
 
-  def squared_error(w, batch):
-    x, y = batch
+  def squared_error(w, x, y):
     return 0.5 * jnp.mean((x @ w - y) ** 2)
 
   loop = ih.bilevel(
-    lambda w, h, batch: squared_error(w, batch) + 0.5 * h["decay"] * w @ w,
-    lambda w, h, batch: squared_error(w, batch),
+    lambda w, h, x, y: squared_error(w, x, y) + 0.5 * h["decay"] * w @ w,
+    lambda w, h, x, y: squared_error(w, x, y),
     optax.inject_hyperparams(optax.sgd)(learning_rate=0.003),
     optax.adam(0.1),
     inner_steps=inner_steps,
@@ -179,20 +178,22 @@ def test_unrolled_learning_rate_and_implicit_decay_tune_a_small_regression_in_on
   )
   step = jax.jit(loop.step)
   state = loop.init(jnp.zeros(d), {"learning_rate": jnp.log(0.003), "decay": jnp.log(0.01)})
-  inner_batches = jax.tree.map(lambda a: np.broadcast_to(a, (inner_steps, *a.shape)), train)
+  inner_args = tuple(np.broadcast_to(a, (inner_steps, *a.shape)) for a in train)
   for _ in range(40):
-    state, metrics = step(state, inner_batches, valid)
+    state, metrics = step(state, inner_args, valid)
 
   x, y = train
   w = np.zeros(d)
   for _ in range(40 * inner_steps):  # the same run without tuning
     w -= 0.003 * (x.T @ (x @ w - y) / len(x) + 0.01 * w)
-  untuned = float(squared_error(w, valid))
+  untuned = float(squared_error(w, *valid))
   grid = [
-    float(squared_error(np.linalg.solve(x.T @ x / len(x) + c * np.eye(d), x.T @ y / len(x)), valid))
+    float(
+      squared_error(np.linalg.solve(x.T @ x / len(x) + c * np.eye(d), x.T @ y / len(x)), *valid)
+    )
     for c in np.logspace(-4, 1, 51)
   ]
-  tuned = float(squared_error(state.params, valid))
+  tuned = float(squared_error(state.params, *valid))
   hparams = loop.constrain(state.hparams)
   assert float(hparams["learning_rate"]) > 5 * 0.003
   assert float(hparams["decay"]) < 0.01
@@ -214,3 +215,11 @@ def test_optimizer_hparams_must_be_numeric_inject_hyperparams():
     loop.init(jnp.zeros(2), {"learning_rate": jnp.array(0.1)})
   with pytest.raises(ValueError, match="must be a dict holding these keys"):
     loop.init(jnp.zeros(2), jnp.array(0.1))
+
+
+def test_unrolled_hypergrad_takes_the_losses_extra_arguments_as_tuples():
+  a, bs, w0, c = quadratic_problem()
+  with pytest.raises(TypeError, match=r"unrolled_hypergrad\(inner_args=...\)` must be a tuple"):
+    ih.unrolled_hypergrad(
+      inner_quadratic(a), outer_quadratic, optax.sgd(0.1), w0, 0.0, inner_args=bs
+    )
