@@ -29,7 +29,7 @@ val_loss = _problems.validation_cross_entropy
 @jax.jit
 def hypergrad(weights, log_decay, train, val):
   return ih.hypergrad(
-    val_loss, train_loss, weights, log_decay, inner_args=train, outer_args=val, solver=ih.CG()
+    train_loss, val_loss, weights, log_decay, inner_args=train, outer_args=val, solver=ih.CG()
   )
 
 

@@ -58,8 +58,8 @@ def per_device(batch):
 
 def hypergrad(train_loss, val_loss, weights, log_decay, train, val):
   return ih.hypergrad(
-    val_loss,
     train_loss,
+    val_loss,
     weights,
     log_decay,
     inner_args=train,

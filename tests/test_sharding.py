@@ -40,9 +40,9 @@ def mesh(shape, names):
 
 @jax.jit
 def neumann_hypergrad(weights, log_decay, train, val):
-  return ih.hypergrad_and_adjoint(
-    val_loss,
+  return ih.hypergrad_with_info(
     train_loss,
+    val_loss,
     weights,
     log_decay,
     inner_args=train,
@@ -53,8 +53,8 @@ def neumann_hypergrad(weights, log_decay, train, val):
 
 @jax.jit
 def cg_hypergrad(weights, log_decay, train, val):
-  return ih.hypergrad_and_adjoint(
-    val_loss, train_loss, weights, log_decay, inner_args=train, outer_args=val, solver=ih.CG()
+  return ih.hypergrad_with_info(
+    train_loss, val_loss, weights, log_decay, inner_args=train, outer_args=val, solver=ih.CG()
   )
 
 
@@ -77,15 +77,15 @@ def validation_gradient(init_weights, log_decay, train_batch, val_batch):
 
 
 def bilevel_loop():
-  def train_on_batch(weights, decay, batch):
-    return cross_entropy(weights, *batch) + 0.5 * jnp.sum(decay * weights**2)
+  def train_with_decay(weights, decay, x, labels):
+    return cross_entropy(weights, x, labels) + 0.5 * jnp.sum(decay * weights**2)
 
-  def val_on_batch(weights, decay, batch):
-    return cross_entropy(weights, *batch)
+  def validation(weights, decay, x, labels):
+    return cross_entropy(weights, x, labels)
 
   return ih.bilevel(
-    train_on_batch,
-    val_on_batch,
+    train_with_decay,
+    validation,
     optax.sgd(0.5),
     optax.adam(0.05),
     inner_steps=INNER_STEPS,
@@ -149,7 +149,7 @@ def test_per_weight_decay_cg_hypergrad_keeps_weights_sharded_over_model_axis():
   by_rows = NamedSharding(grid, P("data"))
 
   single = cg_hypergrad(weights, log_decay, train_batch, val_batch)
-  grads, info, adjoint = cg_hypergrad(
+  grads, info, adjoint = cg_hypergrad(  # CG's state is the adjoint, its last solution
     jax.device_put(weights, by_column),
     jax.device_put(log_decay, by_column),
     jax.device_put(train_batch, by_rows),
@@ -166,21 +166,21 @@ def test_bilevel_steps_with_batches_sharded_over_8_devices_equal_single_device()
   weights, log_decay, train_batch, val_batch = make_problem()
   loop = bilevel_loop()
   step = jax.jit(loop.step)
-  inner_batches = jax.tree.map(lambda a: np.stack([a] * INNER_STEPS), train_batch)
+  inner_args = tuple(np.stack([a] * INNER_STEPS) for a in train_batch)
   data_mesh = mesh((NUM_DEVICES,), ("batch",))
   replicated = NamedSharding(data_mesh, P())
 
-  def run(state, inner_batches, val_batch):
+  def run(state, inner_args, val_batch):
     history = []
     for _ in range(2):
-      state, metrics = step(state, inner_batches, val_batch)
+      state, metrics = step(state, inner_args, val_batch)
       history.append(metrics)
     return state, history
 
-  single = run(loop.init(weights, log_decay), inner_batches, val_batch)
+  single = run(loop.init(weights, log_decay), inner_args, val_batch)
   sharded = run(
     jax.device_put(loop.init(weights, log_decay), replicated),
-    jax.device_put(inner_batches, NamedSharding(data_mesh, P(None, "batch"))),
+    jax.device_put(inner_args, NamedSharding(data_mesh, P(None, "batch"))),
     jax.device_put(val_batch, NamedSharding(data_mesh, P("batch"))),
   )
 
