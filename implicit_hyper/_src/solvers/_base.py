@@ -121,11 +121,25 @@ class LinearSolver:
     return self
 
 
+def tree_add_scale(x, scalar, y):
+  """``x + scalar * y`` leaf by leaf, each leaf keeping its dtype.
+
+  `otu.tree_add_scale` promotes a float32 leaf to float64 when `scalar` is a float64
+  inner product, which breaks loop carries on pytrees that mix the two precisions.
+  """
+  return jax.tree.map(lambda a, c: a + (jnp.asarray(scalar) * c).astype(a.dtype), x, y)
+
+
+def tree_scale(scalar, x):
+  """``scalar * x`` leaf by leaf, each leaf keeping its dtype."""
+  return jax.tree.map(lambda a: (jnp.asarray(scalar) * a).astype(a.dtype), x)
+
+
 def with_ridge(matvec: Matvec, ridge) -> Matvec:
   """Returns ``x -> matvec(x) + ridge * x`` (`matvec` itself for a Python zero)."""
   if isinstance(ridge, numbers.Real) and ridge == 0:
     return matvec
-  return lambda x: otu.tree_add_scale(matvec(x), ridge, x)
+  return lambda x: tree_add_scale(matvec(x), ridge, x)
 
 
 def relative_norm(r, b) -> jax.Array:

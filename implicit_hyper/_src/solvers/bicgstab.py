@@ -62,16 +62,16 @@ class BiCGStab(_base.LinearSolver):
       x, r, p, v, rho, alpha, omega, k, _ = state
       rho_new = otu.tree_vdot(shadow, r)
       beta = _ratio(rho_new, rho) * _ratio(alpha, omega)
-      p = otu.tree_add(r, otu.tree_scale(beta, otu.tree_add_scale(p, -omega, v)))
+      p = otu.tree_add(r, _base.tree_scale(beta, _base.tree_add_scale(p, -omega, v)))
       v = matvec(p)
       shadow_v = otu.tree_vdot(shadow, v)
       alpha = _ratio(rho_new, shadow_v)
-      s = otu.tree_add_scale(r, -alpha, v)
+      s = _base.tree_add_scale(r, -alpha, v)
       t = matvec(s)
       tt = otu.tree_vdot(t, t)
       omega = _ratio(otu.tree_vdot(t, s), tt)
-      x = otu.tree_add_scale(otu.tree_add_scale(x, alpha, p), omega, s)
-      r = otu.tree_add_scale(s, -omega, t)
+      x = _base.tree_add_scale(_base.tree_add_scale(x, alpha, p), omega, s)
+      r = _base.tree_add_scale(s, -omega, t)
       converged = otu.tree_norm(r) <= threshold
       broke = ~converged & ((rho_new == 0) | (shadow_v == 0) | (tt == 0) | (omega == 0))
       return x, r, p, v, rho_new, alpha, omega, k + 1, broke

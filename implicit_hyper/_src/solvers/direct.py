@@ -13,7 +13,10 @@ class Direct(_base.LinearSolver):
 
   Costs O(n) products, O(n^2) memory and O(n^3) time for n unknowns: use it as the
   exact reference on problems with up to a few thousand parameters. Works for any
-  invertible A, symmetric or not.
+  invertible A, symmetric or not. When LU gives non-finite values (A singular, e.g. a
+  parameter that the loss does not use) it falls back to the least-squares solution of
+  minimum norm, which is exact whenever b lies in A's range; the residual then says
+  whether it does. Half-precision operators are solved in float32.
 
   Args:
     ridge: solve ``(A + ridge I) x = b`` instead.
@@ -29,5 +32,13 @@ class Direct(_base.LinearSolver):
   def compute(self, matvec, b, state):
     flat_b, unravel = ravel_pytree(b)
     matrix = jax.jacfwd(lambda v: ravel_pytree(matvec(unravel(v)))[0])(flat_b)
-    x = unravel(jnp.linalg.solve(matrix, flat_b))
+    dtype = jnp.promote_types(flat_b.dtype, jnp.float32)
+    matrix, rhs = matrix.astype(dtype), flat_b.astype(dtype)
+    lu = jnp.linalg.solve(matrix, rhs)
+    flat_x = jax.lax.cond(
+      jnp.all(jnp.isfinite(lu)),
+      lambda: lu,
+      lambda: jnp.linalg.lstsq(matrix, rhs)[0],
+    )
+    x = unravel(flat_x.astype(flat_b.dtype))
     return x, _base.make_info(x, _base.residual(matvec, x, b), b, flat_b.size), state

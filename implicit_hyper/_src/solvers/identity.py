@@ -28,6 +28,6 @@ class Identity(_base.LinearSolver):
   scale: float = 1.0
 
   def compute(self, matvec, b, state):
-    x = otu.tree_scale(self.scale, b)
+    x = _base.tree_scale(self.scale, b)
     info = _base.make_info(x, _base.residual(matvec, x, b), b, 0)
     return x, info._replace(diverged=~_base.tree_all_finite(x)), state
