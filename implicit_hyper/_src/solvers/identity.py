@@ -1,7 +1,5 @@
 """The zero-term approximation ``A^{-1} ~ I``."""
 
-import optax.tree_utils as otu
-
 from implicit_hyper._src.solvers import _base
 
 
