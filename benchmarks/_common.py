@@ -117,16 +117,15 @@ def sgd_steps(params, log_decay, train, *, steps: int, lr: float, scan: bool):
 
 
 def library_hypergrad(params, log_decay, train, val, *, solver):
-  """`ih.hypergrad` of the validation loss and its `SolveInfo`."""
-  return ih.hypergrad(
-    outer_loss,
+  """The hypergradient of the validation loss, its `SolveInfo` and the solver's state."""
+  return ih.hypergrad_with_info(
     inner_loss,
+    outer_loss,
     params,
     log_decay,
     inner_args=train,
     outer_args=val,
     solver=solver,
-    return_info=True,
   )
 
 

@@ -6,7 +6,8 @@ in float64, each with one weight decay per weight (``exp(log_decay) = DECAY``):
   ridge      least squares on one-hot labels, W (64 x 10); the exact hypergradient
              differentiates the closed-form solution ``(X^T X / n + 2 diag(decay)) W = X^T Y / n``
   logistic   multinomial logistic regression, W (64 x 10), solved by Newton's method to
-             machine precision; the exact hypergradient is `ih.hypergrad` with `ih.Direct()`
+             machine precision; the exact hypergradient is `ih.hypergrad_with_info` with
+             `ih.Direct()`
 
 For K in 0..100, the hypergradient with `Neumann(steps=K, alpha=1/lambda_max)` (the
 exact largest Hessian eigenvalue), `Neumann(steps=K)` (alpha by power iteration) and
@@ -88,9 +89,9 @@ def logistic_problem(train, val, *, newton_steps: int = 30):
 
   w_star = newton(jnp.zeros(shape))
   exact = jax.jit(
-    lambda w, ld: ih.hypergrad(
-      outer, inner, w, ld, inner_args=train, outer_args=val, solver=ih.Direct()
-    )
+    lambda w, ld: ih.hypergrad_with_info(
+      inner, outer, w, ld, inner_args=train, outer_args=val, solver=ih.Direct()
+    )[0]
   )(w_star, log_decay)
   return inner, outer, w_star, log_decay, exact
 
@@ -117,7 +118,9 @@ def compare(name: str, train, val, *, ks, rounds: int) -> dict:
   alpha = 1.0 / largest_eigenvalue(inner, w_star, log_decay, train)
 
   def hypergradient(solver, w, ld, train, val):
-    return ih.hypergrad(outer, inner, w, ld, inner_args=train, outer_args=val, solver=solver)
+    return ih.hypergrad_with_info(
+      inner, outer, w, ld, inner_args=train, outer_args=val, solver=solver
+    )[0]
 
   args = (w_star, log_decay, train, val)
   calls = {

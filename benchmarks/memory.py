@@ -5,7 +5,7 @@ training loss of the per-weight-decay MLP, then take the hypergradient of the
 validation loss:
 
   implicit   the T steps in a `fori_loop` (nothing kept for reverse mode), then
-             `ih.hypergrad` with `Neumann(steps=20, alpha=lr)` at the final weights
+             `ih.hypergrad_with_info` with `Neumann(steps=20, alpha=lr)` at the final weights
   unrolled   `jax.grad` through the T steps (a `scan`: reverse mode keeps every step)
 
 For each method and T, a fresh subprocess compiles the function once, reads XLA's
@@ -43,15 +43,8 @@ def hypergradient_after_training(method: str, *, steps: int, lr: float):
 
   def implicit(params, log_decay, train, val):
     trained = _common.sgd_steps(params, log_decay, train, steps=steps, lr=lr, scan=False)
-    return ih.hypergrad(
-      _common.outer_loss,
-      _common.inner_loss,
-      trained,
-      log_decay,
-      inner_args=train,
-      outer_args=val,
-      solver=ih.Neumann(steps=NEUMANN_STEPS, alpha=lr),
-    )
+    solver = ih.Neumann(steps=NEUMANN_STEPS, alpha=lr)
+    return _common.library_hypergrad(trained, log_decay, train, val, solver=solver)[0]
 
   return implicit
 

@@ -1,7 +1,7 @@
 """Scale: time and peak memory of one hypergradient as the hyperparameters grow to 10^7 and beyond.
 
 One weight decay per weight of the digits MLP, widened until it has N weights, so N
-hyperparameters. For each N, a fresh subprocess compiles `ih.hypergrad` with
+hyperparameters. For each N, a fresh subprocess compiles `ih.hypergrad_with_info` with
 `Neumann(steps=K, alpha=1/lambda_max)` (the estimate computed once beforehand) and one
 gradient of the training loss for comparison, times both (median after a warm-up),
 and reports XLA's memory analysis of the hypergradient and the process's peak memory
@@ -56,7 +56,7 @@ def measure(*, hidden: int, steps: int, batch_size: int, max_runs: int, budget_s
   compiled = jax.jit(functools.partial(hypergradient, steps=steps)).lower(*problem, alpha).compile()
   analysis = compiled.memory_analysis()
   hyper_samples = timed(compiled, *problem, alpha, max_runs=max_runs, budget_s=budget_s)
-  _, info = compiled(*problem, alpha)
+  _, info, _ = compiled(*problem, alpha)
   gradient = jax.jit(jax.grad(_common.inner_loss))
   grad_samples = timed(
     gradient,

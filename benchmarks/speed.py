@@ -4,7 +4,7 @@ For each hidden width, times the hypergradient of the validation loss with K pro
 each round calls every method once, after a warm-up; times are medians over rounds, and
 ratios the median over rounds of the ratio within a round:
 
-  ih Neumann(alpha)   `ih.hypergrad` with `Neumann(steps=K, alpha=1/lambda_max)`, the
+  ih Neumann(alpha)   `ih.hypergrad_with_info` with `Neumann(steps=K, alpha=1/lambda_max)`, the
                       estimate computed once beforehand, as a training loop caches it
   ih Neumann(auto)    `Neumann(steps=K, alpha=None)`: 21 more products for the estimate
   ih CG               `CG(steps=K, tol=0, ridge=RIDGE)`
