@@ -222,13 +222,19 @@ def bilevel(
       opt_state = unrolled.with_optimizer_hparams(opt_state, opt_hparams)
     head = jax.tree.map(lambda b: b[: inner_steps - unroll], tuple(inner_args))
     params, opt_state, losses = unrolled.inner_updates(
-      inner_loss, inner_optimizer, state.params, opt_state, loss_hparams, head
+      inner_loss,
+      inner_optimizer,
+      state.params,
+      opt_state,
+      loss_hparams,
+      head,
+      length=inner_steps - unroll,
     )
     grads = otu.tree_zeros_like(raw)
     if unroll:
       tail = jax.tree.map(lambda b: b[inner_steps - unroll :], tuple(inner_args))
       objective = unrolled.unrolled_outer_loss(
-        inner_loss, outer_loss, inner_optimizer, params, opt_state, tail, outer_args
+        inner_loss, outer_loss, inner_optimizer, params, opt_state, tail, outer_args, length=unroll
       )
 
       def unrolled_of_raw(raw):

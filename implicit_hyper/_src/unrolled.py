@@ -14,12 +14,15 @@ import optax
 from implicit_hyper._src import validation
 
 
-def inner_updates(inner_loss, optimizer, params, opt_state, hparams, inner_args, *, remat=False):
+def inner_updates(
+  inner_loss, optimizer, params, opt_state, hparams, inner_args, *, length=None, remat=False
+):
   """Runs one optimiser step per leading-axis slice of `inner_args`, in a `jax.lax.scan`.
 
   Each step is ``params <- params + optimizer.update(grad inner_loss(params, hparams,
   *args_t))``. With ``remat=True`` each step is wrapped in `jax.checkpoint`, so reverse mode
-  stores only the carry of every step and recomputes the rest.
+  stores only the carry of every step and recomputes the rest. `length` gives the number
+  of steps when `inner_args` has no arrays (a loss without data).
 
   Returns:
     ``(params, opt_state, losses)``; `losses` holds the training loss before each step.
@@ -33,7 +36,9 @@ def inner_updates(inner_loss, optimizer, params, opt_state, hparams, inner_args,
 
   if remat:
     one_step = jax.checkpoint(one_step, prevent_cse=False)
-  (params, opt_state), losses = jax.lax.scan(one_step, (params, opt_state), tuple(inner_args))
+  (params, opt_state), losses = jax.lax.scan(
+    one_step, (params, opt_state), tuple(inner_args), length=length
+  )
   return params, opt_state, losses
 
 
@@ -65,21 +70,21 @@ def with_optimizer_hparams(opt_state, values):
 
 
 def unrolled_outer_loss(
-  inner_loss, outer_loss, optimizer, params, opt_state, inner_args, outer_args
+  inner_loss, outer_loss, optimizer, params, opt_state, inner_args, outer_args, *, length=None
 ):
   """The truncated unrolled objective as a function of the hyperparameters.
 
   Returns ``f(hparams, opt_hparams) -> (outer_loss(params_T, hparams, *outer_args), aux)``
   where ``params_T`` follows T rematerialised optimiser steps (the leading axis of
-  `inner_args`) from
-  `params` (held constant, the truncation), `opt_hparams` (a dict, possibly empty) is
-  written into `opt_state` first, and ``aux = (params_T, opt_state_T, losses)``.
+  `inner_args`, or `length`) from `params` (held constant, the truncation),
+  `opt_hparams` (a dict, possibly empty) is written into `opt_state` first, and
+  ``aux = (params_T, opt_state_T, losses)``.
   """
 
   def objective(hparams, opt_hparams):
     state = with_optimizer_hparams(opt_state, opt_hparams) if opt_hparams else opt_state
     params_t, state_t, losses = inner_updates(
-      inner_loss, optimizer, params, state, hparams, inner_args, remat=True
+      inner_loss, optimizer, params, state, hparams, inner_args, length=length, remat=True
     )
     return outer_loss(params_t, hparams, *outer_args), (params_t, state_t, losses)
 

@@ -74,6 +74,7 @@ class BiCGStab(_base.LinearSolver):
       r = _base.tree_add_scale(s, -omega, t)
       converged = otu.tree_norm(r) <= threshold
       broke = ~converged & ((rho_new == 0) | (shadow_v == 0) | (tt == 0) | (omega == 0))
+      rho_new, alpha, omega = (c.astype(one.dtype) for c in (rho_new, alpha, omega))
       return x, r, p, v, rho_new, alpha, omega, k + 1, broke
 
     final = jax.lax.while_loop(keep_going, iteration, state)
