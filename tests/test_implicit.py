@@ -1,5 +1,7 @@
-"""`implicit_argmin` / `implicit_root` / `implicit_fixed_point`: derivatives in every mode,
-transformations, keyword arguments, failure policies, errors."""
+"""`implicit_argmin` / `implicit_root`: gradients, transformations, policies, errors.
+
+Forward mode, Hessians, keyword arguments and `implicit_fixed_point` are in test_modes.py.
+"""
 
 import warnings
 
@@ -262,23 +264,6 @@ def test_implicit_root_matches_jacobian_of_fixed_point(solver):
   assert _problems.relative_error(got, expected) < 1e-9
 
 
-@pytest.mark.parametrize(
-  "solver",
-  [None, ih.Neumann(steps=100), ih.Direct()],
-  ids=["bicgstab", "neumann_plain_series", "direct"],
-)
-def test_implicit_fixed_point_matches_jacobian_of_fixed_point(solver):
-  def contraction(x, a):  # T(x, a), whose fixed point `_iterate` finds
-    return x - _fixed_point(x, a)
-
-  solve = ih.implicit_fixed_point(contraction, solver=solver)(_iterate)
-  a = jnp.array([0.1, -0.2, 0.3])
-  got = jax.jacrev(lambda a: solve(jnp.zeros(3), a))(a)
-  x = _iterate(jnp.zeros(3), a)
-  expected = jnp.linalg.inv(jnp.eye(3) - jax.jacfwd(lambda x: contraction(x, a))(x))
-  assert _problems.relative_error(got, expected) < 1e-9
-
-
 @pytest.mark.parametrize("solver", [ih.CG(), ih.Neumann()], ids=["cg", "neumann_auto"])
 def test_implicit_root_rejects_symmetric_only_solver(solver):
   with pytest.raises(ValueError, match="symmetric"):
@@ -355,53 +340,6 @@ def test_nonscalar_loss_is_rejected():
   solve = ih.implicit_argmin(lambda w, lam, x, y: x @ w)(_exact_solver)
   with pytest.raises(ValueError, match="inner_loss.*scalar"):
     solve(jnp.zeros(RIDGE.d), RIDGE.lam, RIDGE.x, RIDGE.y)
-
-
-def test_keyword_array_arguments_are_differentiated_like_positional_ones():
-  def val(lam, x, y):
-    w = SOLVE(jnp.zeros(RIDGE.d), lam, x=x, y=y)
-    return RIDGE.outer_loss(w, lam, RIDGE.x_val, RIDGE.y_val)
-
-  def val_closed(lam, x, y):
-    return RIDGE.outer_loss(RIDGE.argmin(lam, x, y), lam, RIDGE.x_val, RIDGE.y_val)
-
-  for transform in (lambda f: f, jax.jit):
-    got = transform(jax.grad(val, argnums=(0, 1, 2)))(RIDGE.lam, RIDGE.x, RIDGE.y)
-    expected = jax.grad(val_closed, argnums=(0, 1, 2))(RIDGE.lam, RIDGE.x, RIDGE.y)
-    assert _problems.relative_error(got, expected) < 1e-10
-
-
-def test_non_array_keyword_arguments_reach_loss_and_solver_as_static_python_values():
-  seen = []
-
-  def loss(w, lam, x, y, *, penalty, newton_steps):
-    assert isinstance(penalty, str) and isinstance(newton_steps, int)
-    return RIDGE.inner_loss(w, lam if penalty == "l2" else jnp.zeros_like(lam), x, y)
-
-  @ih.implicit_argmin(loss, solver=ih.Direct())
-  def solve(w0, lam, x, y, *, penalty, newton_steps):
-    seen.append((penalty, newton_steps))
-    kwargs = dict(penalty=penalty, newton_steps=newton_steps)
-    return _problems.newton_argmin(
-      lambda w, lam, x, y: loss(w, lam, x, y, **kwargs), w0, lam, x, y, steps=newton_steps
-    )
-
-  def val(lam):
-    w = solve(jnp.zeros(RIDGE.d), lam, RIDGE.x, RIDGE.y, penalty="l2", newton_steps=2)
-    return RIDGE.outer_loss(w, lam, RIDGE.x_val, RIDGE.y_val)
-
-  assert _problems.relative_error(jax.jit(jax.grad(val))(RIDGE.lam), EXACT) < 1e-10
-  assert seen == [("l2", 2)]
-
-
-def test_forward_mode_and_hessian_match_the_closed_form_objective():
-  """The rule is a `jax.custom_jvp`: `jvp`, `jacfwd` and `hessian` work, and second
-  derivatives see theta* move with lam (the rule re-enters itself)."""
-  val = _validation(SOLVE)
-  assert _problems.relative_error(jax.jit(jax.jacfwd(val))(RIDGE.lam), EXACT) < 1e-10
-  hessian = jax.jit(jax.hessian(val))(RIDGE.lam)
-  expected = jax.jit(jax.hessian(RIDGE.objective))(RIDGE.lam)
-  assert _problems.relative_error(hessian, expected) < 1e-10
 
 
 def test_inner_solver_runs_once_per_call_as_undecorated_python():
