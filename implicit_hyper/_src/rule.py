@@ -67,9 +67,14 @@ def implicit_solution(
       h, a = jax.tree.unflatten(treedef, merged)
       return condition(params, h, *a)
 
-    _, rhs = jax.jvp(
-      condition_of_moving, tuple(leaves[i] for i in moving), tuple(dots[i] for i in moving)
-    )
+    moving_dots = tuple(dots[i] for i in moving)
+    _, rhs = jax.jvp(condition_of_moving, tuple(leaves[i] for i in moving), moving_dots)
+    # `custom_linear_solve` can only transpose a right-hand side whose every leaf is linear
+    # in the tangents; a leaf of F that does not depend on them (a parameter that no
+    # hyperparameter touches) would be a constant zero. Tie each leaf to a tangent entry.
+    anchor = _zero_linear_in(moving_dots)
+    if anchor is not None:
+      rhs = jax.tree.map(lambda r: r + anchor.astype(r.dtype), rhs)
     matvec = operators.jacobian_product(condition, params, hparams, args)
     stationarity = relative_stationarity(condition, matvec, params, hparams, args, init_params)
 
@@ -85,6 +90,14 @@ def implicit_solution(
 
   solution.defjvp(solution_jvp, symbolic_zeros=True)
   return solution(jax.lax.stop_gradient(params), init_params, hparams, tuple(args))
+
+
+def _zero_linear_in(dots):
+  """A zero scalar that is linear in the first non-empty floating tangent, or None."""
+  for dot in jax.tree.leaves(dots):
+    if jnp.issubdtype(jnp.result_type(dot), jnp.inexact) and jnp.size(dot) > 0:
+      return 0.0 * jnp.ravel(dot)[0]
+  return None
 
 
 def relative_stationarity(condition, matvec, params, hparams, args, init_params):
