@@ -1,6 +1,7 @@
 """`implicit_argmin` / `implicit_root`: gradients, transformations, policies, errors.
 
-Forward mode, Hessians, keyword arguments and `implicit_fixed_point` are in test_modes.py.
+Forward mode, Hessians, keyword arguments and `implicit_fixed_point` are in test_modes.py;
+the "raise" policy, stationarity checks and inner solvers with Python state in test_trust.py.
 """
 
 import warnings
@@ -283,29 +284,6 @@ def test_divergence_warns_by_default():
     jax.grad(_validation(solve))(RIDGE.lam)
 
 
-def test_divergence_raises_hypergradient_error_eagerly_and_under_jit():
-  """The "raise" policy needs no checkify: the host callback raises `ih.HypergradientError`,
-  which JAX re-raises under `jax.jit` as a runtime error carrying its name and message."""
-  solve = ih.implicit_argmin(RIDGE.inner_loss, solver=DIVERGING, on_failure="raise")(_exact_solver)
-  with pytest.raises(ih.HypergradientError, match="diverged"):
-    jax.grad(_validation(solve))(RIDGE.lam)
-  with pytest.raises(jax.errors.JaxRuntimeError, match=r"(?s)HypergradientError.*diverged"):
-    jax.block_until_ready(jax.jit(jax.grad(_validation(solve)))(RIDGE.lam))
-
-
-def test_convergent_solve_under_raise_policy_gives_the_gradient_without_warning():
-  solve = ih.implicit_argmin(RIDGE.inner_loss, solver=ih.Direct(), on_failure="raise")(
-    _exact_solver
-  )
-  with warnings.catch_warnings():
-    warnings.simplefilter("error")
-    eager = jax.grad(_validation(solve))(RIDGE.lam)
-    jitted = jax.jit(jax.grad(_validation(solve)))(RIDGE.lam)
-    jax.grad(_validation(SOLVE))(RIDGE.lam)
-  assert _problems.relative_error(eager, EXACT) < 1e-10
-  assert _problems.relative_error(jitted, EXACT) < 1e-10
-
-
 def test_divergence_ignored_when_asked():
   solve = ih.implicit_argmin(RIDGE.inner_loss, solver=DIVERGING, on_failure="ignore")(_exact_solver)
   with warnings.catch_warnings():
@@ -334,19 +312,6 @@ def test_nonscalar_loss_is_rejected():
   solve = ih.implicit_argmin(lambda w, lam, x, y: x @ w)(_exact_solver)
   with pytest.raises(ValueError, match="inner_loss.*scalar"):
     solve(jnp.zeros(RIDGE.d), RIDGE.lam, RIDGE.x, RIDGE.y)
-
-
-def test_inner_solver_runs_once_per_call_as_undecorated_python():
-  """The inner solver is never differentiated: an iterator it draws from advances once."""
-  batches = iter([(RIDGE.x, RIDGE.y), (RIDGE.x[::-1], RIDGE.y[::-1])])
-
-  @ih.implicit_argmin(RIDGE.inner_loss, solver=ih.Direct())
-  def solve(w0, lam, x, y):
-    x, y = next(batches)
-    return RIDGE.argmin(lam, x, y)
-
-  jax.grad(_validation(solve))(RIDGE.lam)
-  assert next(batches)[0] is not None and next(batches, None) is None
 
 
 def test_bad_decorator_arguments_are_rejected():
