@@ -28,7 +28,10 @@ from implicit_hyper._src.solvers.identity import Identity as Identity
 from implicit_hyper._src.solvers.neumann import Neumann as Neumann
 from implicit_hyper._src.solvers.neumann import NeumannState as NeumannState
 from implicit_hyper._src.solvers.normal_cg import NormalCG as NormalCG
+from implicit_hyper._src.solvers.richardson import Richardson as Richardson
 from implicit_hyper._src.spectral import max_eigenvalue as max_eigenvalue
+from implicit_hyper._src.stochastic import amigo as amigo
+from implicit_hyper._src.stochastic import soba as soba
 from implicit_hyper._src.trust import HypergradientError as HypergradientError
 from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
 from implicit_hyper._src.trust import SolveRecord as SolveRecord
