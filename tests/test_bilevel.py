@@ -72,10 +72,10 @@ def run_ridge(solver, num_steps, *, decay=3.0, outer_batches=None):
   train, valid = ridge_data()
   loop, step = ridge_loop(solver)
   state = loop.init(jnp.zeros(train[0].shape[1]), jnp.log(decay))
-  inner_batches = repeat(train, RIDGE_INNER_STEPS)
+  inner_args = repeat(train, RIDGE_INNER_STEPS)
   states, metrics = [state], []
   for k in range(num_steps):
-    state, m = step(state, inner_batches, valid if outer_batches is None else outer_batches[k])
+    state, m = step(state, inner_args, valid if outer_batches is None else outer_batches[k])
     states.append(state)
     metrics.append(m)
   return states, metrics
