@@ -314,15 +314,19 @@ def test_raise_policy_raises_eagerly_under_jit_and_vmap():
 
 
 def test_record_solves_under_jit_and_the_ignore_policy():
-  solve = ih.implicit_argmin(
-    quadratic, solver=ih.Neumann(steps=40, alpha=1.0), on_failure="ignore"
+  make = lambda policy: ih.implicit_argmin(
+    quadratic, solver=ih.Neumann(steps=40, alpha=1.0), on_failure=policy
   )(lambda w0, lam, t: exact_solution(lam, t))
-  grad = jax.jit(jax.grad(lambda lam: jnp.sum(solve(jnp.zeros(3), lam, jnp.ones(3)))))
-  with ih.record_solves() as records:
-    grad(1.0)
-    grad(2.0)
-  assert len(records) == 2
+  grad = lambda solve: jax.jit(jax.grad(lambda lam: jnp.sum(solve(jnp.zeros(3), lam, jnp.ones(3)))))
+  warned, ignored = grad(make("warn")), grad(make("ignore"))
+  with ih.record_solves() as records, pytest.warns(ih.HypergradientWarning) as caught:
+    warned(1.0)
+    warned(2.0)
+  assert len(records) == 2 and len(caught) == 2
   assert all(bool(r.info.diverged) and "diverged" in r.failures[0] for r in records)
+  with ih.record_solves() as records:
+    ignored(1.0)  # applied as it is, and not recorded
+  assert records == []
 
 
 def test_invalid_policy_is_refused():

@@ -12,6 +12,7 @@ import optax.tree_utils as otu
 from implicit_hyper._src import transforms
 from implicit_hyper._src import unrolled
 from implicit_hyper._src import validation
+from implicit_hyper._src.describe import describe
 from implicit_hyper._src.hypergrad import hypergrad_with_info
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.neumann import Neumann
@@ -295,8 +296,8 @@ def bilevel(
     "hparam_transform": repr(hparam_transform),
     "optimizer_hparams": list(optimizer_hparams),
     "unroll_steps": unroll_steps,
-    "inner_optimizer": _optimizer_name(inner_optimizer),
-    "outer_optimizer": _optimizer_name(outer_optimizer),
+    "inner_optimizer": describe(inner_optimizer),
+    "outer_optimizer": describe(outer_optimizer),
   }
   return Bilevel(init, step, constrain, config)
 
@@ -323,12 +324,6 @@ def _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps):
         f"`{call}(unroll_steps=...)` must be an int in [1, inner_steps={inner_steps}], "
         f"got {unroll_steps!r}."
       )
-
-
-def _optimizer_name(optimizer) -> str:
-  """The factory that built an optax transformation (its settings are not recoverable)."""
-  init = getattr(optimizer, "init", None)
-  return getattr(init, "__qualname__", type(optimizer).__name__).split(".<locals>")[0]
 
 
 def _check_args(call, inner_args, outer_args, inner_steps):

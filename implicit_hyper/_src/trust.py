@@ -105,6 +105,8 @@ def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
 
 def reporter(call: str, checks: Checks):
   """``report(info)``: checks a traced `SolveInfo` on the host and acts by `checks`."""
+  if checks.on_failure == "ignore":
+    return lambda info: None  # no host callback in the compiled program
   location = _user_location()
 
   def report(info):
@@ -117,7 +119,8 @@ def reporter(call: str, checks: Checks):
 def record_solves():
   """Collects a `SolveRecord` for every implicit solve run inside the block.
 
-  Works eagerly and under `jax.jit` (records arrive when the compiled code runs).
+  Works eagerly and under `jax.jit` (records arrive when the compiled code runs). Solves
+  under ``on_failure="ignore"`` are not recorded: that policy compiles no host callback.
 
   Example:
     >>> import jax, jax.numpy as jnp
