@@ -9,20 +9,28 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src import spectral
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import _vectors
+
+# The automatic step keeps alpha * (theta_max + residual) <= SAFETY < 2, so the series
+# converges whenever the Lanczos bound theta_max + residual holds lambda_max.
+SAFETY = 1.9
 
 
 class NeumannState(NamedTuple):
-  """The cached step of `Neumann(alpha=None)`.
+  """The cached step of `Neumann(alpha=None)` and the spectrum estimate it came from.
 
   Attributes:
-    alpha: ``1 / lambda_max`` from the last estimate; NaN until the first.
+    alpha: the step from the last estimate (about ``1 / lambda_max``); NaN until the first.
     age: solves since that estimate.
     count: solves so far (seeds the next estimate's start vector).
+    min_eigenvalue: the smallest Ritz value of that estimate, ``>= lambda_min``: when it
+      is negative the operator is indefinite and the series diverges (NaN until the first).
   """
 
   alpha: jax.Array
   age: jax.Array
   count: jax.Array
+  min_eigenvalue: jax.Array
 
 
 @_base.solver_pytree(data=("ridge", "alpha"))
@@ -42,13 +50,23 @@ class Neumann(_base.LinearSolver):
   point ``theta = T(theta)`` (`ih.implicit_fixed_point`) the step defaults to 1: the
   plain series ``sum_k J_T^k v``.
 
+  With ``alpha=None`` the step comes from `estimate_steps` Lanczos steps (`ih.lanczos`,
+  one product each): the Ritz values ``theta_min <= theta_max`` and the residual r of
+  the top Ritz pair give
+
+  .. math::
+    \alpha = 1 / \max(\theta_{max}, |\theta_{min}|, (\theta_{max} + r) / 1.9),
+
+  about ``1 / lambda_max``, and ``alpha lambda_max <= 1.9 < 2`` whenever
+  ``lambda_max <= theta_max + r`` (which holds in practice; Zhou & Li, 2011). A
+  negative ``theta_min`` proves that A is indefinite, so the series diverges: the solve
+  reports it as `SolveInfo.negative_curvature`.
+
   Args:
     steps: K, the number of terms and of matrix-vector products (>= 0).
-    alpha: the step ``alpha > 0``. None estimates ``lambda_max`` of A by power
-      iteration (`estimate_steps` + 1 extra products) and uses ``1 / lambda_max``; the
-      estimate is kept in the solver state and renewed every `refresh_every` solves.
-      May be a traced array.
-    estimate_steps: power-iteration steps of the estimate when ``alpha`` is None.
+    alpha: the step ``alpha > 0``. None estimates it as above; the estimate is kept in
+      the solver state and renewed every `refresh_every` solves. May be a traced array.
+    estimate_steps: Lanczos steps (products) of the estimate when ``alpha`` is None.
     refresh_every: solves between estimates when the state is carried (`ih.bilevel`).
     ridge: solve ``(A + ridge I) x = b`` instead.
 
@@ -57,6 +75,9 @@ class Neumann(_base.LinearSolver):
     >>> x, info, _ = Neumann(steps=60, alpha=0.5).solve(lambda v: 2.0 * v, jnp.ones(3))
     >>> x.round(6).tolist(), bool(info.diverged)
     ([0.5, 0.5, 0.5], False)
+    >>> _, info, state = Neumann(steps=60).solve(lambda v: 2.0 * v, jnp.ones(3))
+    >>> round(float(state.alpha), 6), bool(info.negative_curvature)
+    (0.5, False)
 
   References:
     Lorraine, Vicol & Duvenaud, "Optimizing Millions of Hyperparameters by Implicit
@@ -65,13 +86,13 @@ class Neumann(_base.LinearSolver):
 
   steps: int = 20
   alpha: float | jax.Array | None = None
-  estimate_steps: int = 20
+  estimate_steps: int = 4
   refresh_every: int = 10
 
   def __post_init__(self):
     super().__post_init__()
     _base.check_int("Neumann", "steps", self.steps, minimum=0)
-    _base.check_int("Neumann", "estimate_steps", self.estimate_steps, minimum=0)
+    _base.check_int("Neumann", "estimate_steps", self.estimate_steps, minimum=1)
     _base.check_int("Neumann", "refresh_every", self.refresh_every, minimum=1)
     if isinstance(self.alpha, bool) or (
       isinstance(self.alpha, (int, float)) and not self.alpha > 0
@@ -80,7 +101,7 @@ class Neumann(_base.LinearSolver):
 
   @property
   def requires_symmetric(self) -> bool:
-    """Power iteration estimates the step only for symmetric operators."""
+    """Lanczos estimates the step only for symmetric operators."""
     return self.alpha is None
 
   def for_fixed_point(self) -> "Neumann":
@@ -91,39 +112,53 @@ class Neumann(_base.LinearSolver):
     if self.alpha is not None:
       return None
     zero = jnp.zeros((), jnp.int32)
-    return NeumannState(jnp.full((), jnp.nan, _base.tree_dtype(like)), zero, zero)
+    nan = jnp.full((), jnp.nan, _base.tree_dtype(like))
+    return NeumannState(nan, zero, zero, nan)
 
-  def estimate_step(self, matvec, like, key=None) -> jax.Array:
-    """``1 / lambda_max`` of ``matvec`` by power iteration (1 when not positive)."""
-    lam = spectral.max_eigenvalue(matvec, like, steps=self.estimate_steps, key=key)
-    good = jnp.isfinite(lam) & (lam > 0)
-    return 1.0 / jnp.where(good, lam, 1.0)
+  def estimate_step(self, matvec, like, key=None) -> tuple[jax.Array, jax.Array]:
+    """``(alpha, theta_min)`` from `estimate_steps` Lanczos steps (alpha 1 when A is 0)."""
+    ritz = spectral.lanczos(matvec, like, steps=self.estimate_steps, key=key)
+    scale = jnp.maximum(
+      jnp.maximum(ritz.largest, -ritz.smallest), (ritz.largest + ritz.largest_residual) / SAFETY
+    )
+    good = jnp.isfinite(scale) & (scale > 0)
+    return 1.0 / jnp.where(good, scale, 1.0), ritz.smallest
 
   def step_size(self, matvec, b, state):
     """The step used on ``matvec`` and the state after it."""
     if self.alpha is not None:
       return jnp.asarray(self.alpha), state
+    dtype = _base.tree_dtype(b)
     if state is None:
-      alpha = self.estimate_step(matvec, b)
+      alpha, smallest = self.estimate_step(matvec, b)
       one = jnp.ones((), jnp.int32)
-      return alpha, NeumannState(alpha.astype(_base.tree_dtype(b)), one, one)
+      return alpha, NeumannState(alpha.astype(dtype), one, one, smallest.astype(dtype))
 
     def estimate():
       key = jax.random.fold_in(jax.random.PRNGKey(0), state.count)
-      return self.estimate_step(matvec, b, key).astype(state.alpha.dtype), jnp.zeros_like(state.age)
+      alpha, smallest = self.estimate_step(matvec, b, key)
+      return alpha.astype(dtype), smallest.astype(dtype), jnp.zeros_like(state.age)
+
+    def cached():
+      return state.alpha, state.min_eigenvalue, state.age
 
     due = ~jnp.isfinite(state.alpha) | (state.age >= self.refresh_every)
-    alpha, age = jax.lax.cond(due, estimate, lambda: (state.alpha, state.age))
-    return alpha, NeumannState(alpha, age + 1, state.count + 1)
+    alpha, smallest, age = jax.lax.cond(due, estimate, cached)
+    return alpha, NeumannState(alpha, age + 1, state.count + 1, smallest)
 
   def compute(self, matvec, b, state):
     alpha, state = self.step_size(matvec, b, state)
 
     def term(_, carry):
       x, p = carry
-      x = otu.tree_add_scale(x, alpha, p)
-      p = otu.tree_add_scale(p, -alpha, matvec(p))
+      x = _vectors.add_scaled(x, alpha, p)
+      p = _vectors.add_scaled(p, -alpha, matvec(p))
       return x, p
 
     x, p = jax.lax.fori_loop(0, self.steps, term, (otu.tree_zeros_like(b), b))
-    return x, _base.make_info(x, p, b, self.steps), state
+    negative = False
+    if state is not None:
+      # Ritz values are exact to about sqrt(eps) |A|: below that, round-off is no proof.
+      tolerance = jnp.sqrt(jnp.finfo(_base.tree_dtype(b)).eps) / alpha
+      negative = state.min_eigenvalue < -tolerance
+    return x, _base.make_info(x, p, b, self.steps, negative_curvature=negative), state
