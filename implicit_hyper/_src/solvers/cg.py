@@ -1,10 +1,14 @@
-"""Conjugate gradient, as iMAML uses for the inverse-Hessian-vector product."""
+"""Conjugate gradient (iMAML's inverse-Hessian-vector product), optionally preconditioned."""
+
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import _vectors
 
 
 def check_iteration_settings(call: str, steps, tol) -> None:
@@ -13,36 +17,54 @@ def check_iteration_settings(call: str, steps, tol) -> None:
   _base.check_nonnegative(call, "tol", tol)
 
 
-def conjugate_gradient(matvec, b, init, *, steps: int, tol: float):
+def conjugate_gradient(matvec, b, init, *, steps: int, tol: float, precondition=None):
   """Runs CG on ``A x = b`` for symmetric positive-definite A; returns ``(x, SolveInfo)``.
 
   Stops after `steps` iterations or when ``||r|| <= tol ||b||``. A direction with
   ``p^T A p <= 0`` (A is not positive definite there) marks the solve as diverged.
+  `precondition` (``r -> P^{-1} r``, symmetric positive definite) gives preconditioned CG.
   """
+  precondition = (lambda r: r) if precondition is None else precondition
+  dtype = _base.tree_dtype(b)
   x = otu.tree_zeros_like(b) if init is None else init
   r = otu.tree_sub(b, matvec(x)) if init is not None else b
-  threshold = tol * otu.tree_norm(b)
-  rr = otu.tree_vdot(r, r)
-  state = (x, r, r, rr, jnp.asarray(0), jnp.asarray(False))
+  threshold = tol * _vectors.norm(b)
+  z = _vectors.like_tree(precondition(r), b)
+  rz = otu.tree_vdot(r, z).astype(dtype)
+  state = (x, r, z, rz, _vectors.norm(r).astype(dtype), jnp.asarray(0), jnp.asarray(False))
 
   def keep_going(state):
-    _, _, _, rr, k, broke = state
-    return (k < steps) & (jnp.sqrt(rr) > threshold) & ~broke
+    *_, r_norm, k, broke = state
+    return (k < steps) & (r_norm > threshold) & ~broke
 
   def iteration(state):
-    x, r, p, rr, k, _ = state
+    x, r, p, rz, _, k, _ = state
     ap = matvec(p)
-    curvature = otu.tree_vdot(p, ap)
+    curvature = otu.tree_vdot(p, ap).astype(dtype)
     broke = ~(curvature > 0)
-    step = jnp.where(broke, 0.0, rr / jnp.where(broke, 1.0, curvature))
-    x = otu.tree_add_scale(x, step, p)
-    r = otu.tree_add_scale(r, -step, ap)
-    rr_new = otu.tree_vdot(r, r)
-    p = otu.tree_add_scale(r, rr_new / jnp.where(rr > 0, rr, 1.0), p)
-    return x, r, p, rr_new, k + 1, broke
+    step = jnp.where(broke, 0.0, rz / jnp.where(broke, 1.0, curvature))
+    x = _vectors.add_scaled(x, step, p)
+    r = _vectors.add_scaled(r, -step, ap)
+    z = _vectors.like_tree(precondition(r), b)
+    rz_new = otu.tree_vdot(r, z).astype(dtype)
+    p = _vectors.add_scaled(z, rz_new / jnp.where(rz > 0, rz, 1.0), p)
+    return x, r, p, rz_new, _vectors.norm(r).astype(dtype), k + 1, broke
 
-  x, r, _, _, k, broke = jax.lax.while_loop(keep_going, iteration, state)
+  x, r, *_, k, broke = jax.lax.while_loop(keep_going, iteration, state)
   return x, _base.make_info(x, r, b, k, extra_failure=broke, tol=tol, negative_curvature=broke)
+
+
+class CGState(NamedTuple):
+  """The state of `CG` with a preconditioner.
+
+  Attributes:
+    solution: the last solution, the next solve's start (None without `warm_start`).
+    preconditioner: the preconditioner's own state (for `ih.NystromPreconditioner`,
+      its sketch and age).
+  """
+
+  solution: Any
+  preconditioner: Any
 
 
 @_base.solver_pytree()
@@ -50,15 +72,25 @@ class CG(_base.LinearSolver):
   """Conjugate gradient for symmetric positive-definite A (Hestenes & Stiefel, 1952).
 
   Exact after n steps for an n-dimensional A in exact arithmetic; each step costs one
-  product ``A p``. The reported residual is CG's recursively updated one. A
-  non-positive curvature ``p^T A p`` (A indefinite, as for a network away from its
-  optimum) stops the solve and reports it as diverged.
+  product ``A p``, and after k steps the A-norm error has shrunk by at least
+  ``2 ((sqrt(kappa) - 1) / (sqrt(kappa) + 1))^k`` for condition number kappa. The
+  reported residual is CG's recursively updated one. A non-positive curvature
+  ``p^T A p`` (A indefinite, as for a network away from its optimum) stops the solve
+  and reports it as diverged; `ih.MINRES` solves such systems.
+
+  With a `preconditioner` (``ih.NystromPreconditioner(rank=k, refresh_every=n)``) CG
+  runs on ``P^{-1} A`` and the rate depends on the condition number of that instead.
+  The preconditioner's state is kept in CG's (a `CGState`) and renewed by the
+  preconditioner itself, so `ih.bilevel` carries one sketch over n hyper steps.
 
   Args:
     steps: the most iterations to run.
     tol: stop once ``||A x - b|| <= tol ||b||``.
-    warm_start: start from the previous solution kept in the state (the state is that
-      solution; a fresh state starts from zero).
+    warm_start: start from the previous solution kept in the state (without a
+      preconditioner the state is that solution; a fresh state starts from zero).
+    preconditioner: None, or an object with ``init(like) -> state``,
+      ``update(matvec, like, state) -> state`` (called once per solve) and
+      ``apply(state, r) -> P^{-1} r`` such as `ih.NystromPreconditioner`.
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
@@ -75,15 +107,39 @@ class CG(_base.LinearSolver):
   steps: int = 20
   tol: float = 1e-10
   warm_start: bool = True
+  preconditioner: Any = None
   requires_symmetric = True
 
   def __post_init__(self):
     super().__post_init__()
     check_iteration_settings("CG", self.steps, self.tol)
+    methods = ("init", "update", "apply")
+    if self.preconditioner is not None and not all(
+      callable(getattr(self.preconditioner, m, None)) for m in methods
+    ):
+      raise TypeError(
+        "`CG(preconditioner=...)` must have `init`, `update` and `apply` methods, such as "
+        f"`ih.NystromPreconditioner(rank=20)`, got {self.preconditioner!r}."
+      )
 
   def init(self, like):
-    return otu.tree_zeros_like(like) if self.warm_start else None
+    solution = otu.tree_zeros_like(like) if self.warm_start else None
+    if self.preconditioner is None:
+      return solution
+    return CGState(solution, self.preconditioner.init(like))
 
   def compute(self, matvec, b, state):
-    x, info = conjugate_gradient(matvec, b, state, steps=self.steps, tol=self.tol)
-    return x, info, (x if self.warm_start else None)
+    if self.preconditioner is None:
+      x, info = conjugate_gradient(matvec, b, state, steps=self.steps, tol=self.tol)
+      return x, info, (x if self.warm_start else None)
+    start, preconditioner = (None, None) if state is None else state
+    preconditioner = self.preconditioner.update(matvec, b, preconditioner)
+    x, info = conjugate_gradient(
+      matvec,
+      b,
+      start if self.warm_start else None,
+      steps=self.steps,
+      tol=self.tol,
+      precondition=lambda r: self.preconditioner.apply(preconditioner, r),
+    )
+    return x, info, CGState(x if self.warm_start else None, preconditioner)
