@@ -224,8 +224,8 @@ def detection(weights, wrong):
 def hyper_clean(train, val, test, wrong, args):
   """Tune one weight per training example; return the final model, weights and history."""
   hyper_step, init_outer, init_cg = make_hyper_step(train, val, args)
-  params = init_params(train[0].shape[1])
   raw_weights = jnp.zeros(len(train[1]))
+  params = fit(*train, jax.nn.sigmoid(raw_weights), args.l2)[0]  # then warm starts
   opt_state, cg_state = init_outer(raw_weights), init_cg(params)
   history = {k: [] for k in ("step", "val_loss", "val_acc", "test_acc", "auc")}
   steps = {"lbfgs_steps": [], "inner_grad_norm": [], "cg_steps": [], "cg_residual": []}
