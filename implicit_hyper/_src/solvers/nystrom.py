@@ -1,7 +1,7 @@
 """Randomized Nystrom approximations of a symmetric operator: a solver and a CG preconditioner.
 
-Both sketch A with k products ``Y = A Omega`` against an orthonormalised Gaussian
-``Omega`` (n x k) and use the Nystrom approximation ``A_nys = Y (Omega^T Y)^+ Y^T``,
+Both sketch A with k products ``Y = A Omega`` against a random ``Omega`` (n x k) with
+orthonormal columns and use the Nystrom approximation ``A_nys = Y (Omega^T Y)^+ Y^T``,
 kept as an orthonormal basis U and the inverses g of its eigenvalues:
 ``A_nys = U diag(1 / g) U^T``. The factorisation never inverts the core
 ``W = Omega^T Y``, which is indefinite or singular when A is: with ``Y = P S Z^T`` (thin
@@ -10,13 +10,16 @@ eigenvalue near zero yields a *small* g (an eigenvalue of A_nys that is large, w
 an inverse then damps) instead of an overflow. Directions where Y vanishes (A is
 singular there) are dropped.
 
-Why a Gaussian sketch rather than random columns (Hataya & Yamada's choice, ``Omega``
-the columns of I at k random indices): both cost k products, but sampled columns only
-see the eigenvectors of A where those indices put weight, so their error depends on the
-coherence of A's top eigenvectors, while a Gaussian sketch's does not (Gittens & Mahoney,
-2016; Tropp et al., 2017). Hessians of networks and of models with one decay per weight
-have delocalised top eigenvectors (a mean-input direction touches every weight), which
-is where column sampling fails. Measured in ``tests/test_nystrom.py``.
+Why a random sketch rather than random columns (Hataya & Yamada's choice, ``Omega`` the
+columns of I at k random indices): both cost k products, but sampled columns only see
+the eigenvectors of A where those indices put weight, so their error depends on the
+coherence of A's top eigenvectors, while that of a Gaussian or random-sign sketch does
+not (Gittens & Mahoney, 2016; Tropp et al., 2017). Hessians of networks and of models
+with one decay per weight have delocalised top eigenvectors (a mean-input direction
+touches every weight), which is where column sampling fails. Measured on the 640 x 640
+Hessians of ``benchmarks/accuracy.py`` (median of 10 draws, k = 50):
+``||H - H_nys||_2 / ||H||_2`` is 0.23 with a Gaussian sketch against 0.72 with sampled
+columns (ridge), 0.37 against 0.58 (logistic).
 
 The sketch is flat: the k vectors of n entries are one (n, k) array in the widest dtype
 of the parameters.
@@ -52,18 +55,57 @@ class NystromState(NamedTuple):
   count: jax.Array
 
 
+def _test_matrix(key, n: int, k: int, dtype) -> jax.Array:
+  """An (n, k) random matrix with orthonormal columns.
+
+  Gaussian, or Rademacher (random signs, 32 per random word) when it has more than 2^16
+  entries and ``k <= n / 4``: drawing n k Gaussians costs as much as the products
+  themselves on a CPU, and both are sub-Gaussian test matrices with the same guarantees
+  (Tropp et al., 2017). Such a tall one is orthonormalised by Cholesky QR: ``n^{-1/2}``
+  times random signs is within about ``2 sqrt(k / n)`` of orthonormal already.
+  """
+  if n * k <= 2**16 or 4 * k > n:
+    return jnp.linalg.qr(jax.random.normal(key, (n, k), dtype))[0]
+  words = jax.random.bits(key, (-(-n * k // 32),), jnp.uint32)
+  bits = (words[:, None] >> jnp.arange(32, dtype=jnp.uint32)) & 1
+  omega = (2.0 * bits.ravel()[: n * k].astype(dtype) - 1.0).reshape(n, k)
+  factor = jnp.linalg.cholesky(omega.T @ omega)
+  return jax.scipy.linalg.solve_triangular(factor, omega.T, lower=True).T
+
+
+def _range(y) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """A thin SVD ``y = P diag(s) Z^T`` of a tall (n, k) y from k x k eigenproblems.
+
+  Two passes of ``P = y Z diag(1/s)`` from the Gram matrix ``y^T y`` (the second restores
+  the orthogonality the first loses to round-off) cost a few (n, k) products where
+  LAPACK's SVD of the tall matrix takes 20 times longer. Directions with
+  ``s < sqrt(eps) max(s)`` are dropped: their columns of P and their s are 0.
+  """
+  eps = jnp.finfo(y.dtype).eps
+  squares, z = jnp.linalg.eigh(y.T @ y)
+  s = jnp.sqrt(jnp.maximum(squares, 0.0))
+  kept = s > 10.0 * jnp.sqrt(eps) * s[-1]
+  p = y @ (z * jnp.where(kept, 1.0 / jnp.where(kept, s, 1.0), 0.0))
+  overlaps, v = jnp.linalg.eigh(p.T @ p)  # about 1 on kept directions, 0 on dropped ones
+  kept = overlaps > 0.5
+  p = p @ (v * jnp.where(kept, 1.0 / jnp.sqrt(jnp.where(kept, overlaps, 1.0)), 0.0))
+  u, s, zt = jnp.linalg.svd(p.T @ y)
+  kept = s > 10.0 * jnp.sqrt(eps) * s[0]
+  return jnp.where(kept[None, :], p @ u, 0.0), jnp.where(kept, s, 0.0), zt
+
+
 def sketch(matvec, like, rank: int, key) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(U, g, ritz)`` of the Nystrom approximation of ``matvec`` from ``min(rank, n)`` products."""
   flat, unravel = ravel_pytree(like)
   n, dtype = flat.shape[0], flat.dtype
   k = min(rank, n)
-  omega, _ = jnp.linalg.qr(jax.random.normal(key, (n, k), dtype))
+  omega = _test_matrix(key, n, k, dtype)
   product = lambda column: ravel_pytree(matvec(unravel(column)))[0].astype(dtype)
   y = jax.lax.map(product, omega.T).T
   core = omega.T @ y
   core = 0.5 * (core + core.T)
-  p, s, zt = jnp.linalg.svd(y, full_matrices=False)
-  kept = s > s[0] * max(n, k) * jnp.finfo(dtype).eps
+  p, s, zt = _range(y)
+  kept = s > 0
   inverse_s = jnp.where(kept, 1.0 / jnp.where(kept, s, 1.0), 0.0)
   g_matrix = inverse_s[:, None] * (zt @ core @ zt.T) * inverse_s[None, :]
   # A dropped direction (A p = 0 there) is no eigenvector of A_nys but part of the tail:
