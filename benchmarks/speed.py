@@ -8,6 +8,9 @@ ratios the median over rounds of the ratio within a round:
                       estimate computed once beforehand, as a training loop caches it
   ih Neumann(auto)    `Neumann(steps=K, alpha=None)`: 21 more products for the estimate
   ih CG               `CG(steps=K, tol=0, ridge=RIDGE)`
+  ih MINRES           `MINRES(steps=K, tol=0, ridge=RIDGE)`: one more product, the residual
+  ih Nystrom          `Nystrom(rank=K, ridge=RIDGE)`: a fresh sketch of K products and
+                      one more for the residual
   floor               one jitted function written here by hand: grad of L_V, K
                       forward-over-reverse products in a `fori_loop`, one mixed VJP
   jaxopt CG           `jaxopt.implicit_diff.custom_root` with
@@ -101,6 +104,8 @@ def methods(steps: int, alpha: float) -> dict:
     "ih Neumann(alpha)": library(solver=ih.Neumann(steps=steps, alpha=alpha)),
     "ih Neumann(auto)": library(solver=ih.Neumann(steps=steps)),
     "ih CG": library(solver=ih.CG(steps=steps, tol=0.0, ridge=RIDGE)),
+    "ih MINRES": library(solver=ih.MINRES(steps=steps, tol=0.0, ridge=RIDGE)),
+    "ih Nystrom": library(solver=ih.Nystrom(rank=steps, ridge=RIDGE)),
   }
   linear_solve = jaxopt_linear_solve()
   if linear_solve is None:
