@@ -12,12 +12,6 @@ import optax
 import pytest
 
 import implicit_hyper as ih
-from implicit_hyper._src import spectral
-from implicit_hyper._src.solvers.cg import CG
-from implicit_hyper._src.solvers.gmres import GMRES
-from implicit_hyper._src.solvers.minres import MINRES
-from implicit_hyper._src.solvers.nystrom import Nystrom
-from implicit_hyper._src.solvers.nystrom import NystromPreconditioner
 
 N = 8
 
@@ -35,24 +29,27 @@ class Entry:
 REGISTRY = {
   "neumann_lanczos": Entry(functools.partial(ih.Neumann, steps=400), 1e-10, symmetric_only=True),
   "minres": Entry(
-    functools.partial(MINRES, steps=N, tol=0.0), 1e-10, symmetric_only=True, solves_indefinite=True
+    functools.partial(ih.MINRES, steps=N, tol=0.0),
+    1e-10,
+    symmetric_only=True,
+    solves_indefinite=True,
   ),
-  "gmres": Entry(functools.partial(GMRES, steps=N, tol=0.0), 1e-10, solves_indefinite=True),
+  "gmres": Entry(functools.partial(ih.GMRES, steps=N, tol=0.0), 1e-10, solves_indefinite=True),
   "gmres_restarted": Entry(
-    functools.partial(GMRES, steps=40 * N, restart=4, tol=1e-14), 1e-10, solves_indefinite=True
+    functools.partial(ih.GMRES, steps=40 * N, restart=4, tol=1e-14), 1e-10, solves_indefinite=True
   ),
   "nystrom": Entry(
-    functools.partial(Nystrom, rank=N), 1e-10, symmetric_only=True, solves_indefinite=True
+    functools.partial(ih.Nystrom, rank=N), 1e-10, symmetric_only=True, solves_indefinite=True
   ),
   "nystrom_reused": Entry(
-    functools.partial(Nystrom, rank=N, refresh_every=2),
+    functools.partial(ih.Nystrom, rank=N, refresh_every=2),
     1e-10,
     symmetric_only=True,
     solves_indefinite=True,
   ),
   "cg_nystrom": Entry(
     functools.partial(
-      CG, steps=N, tol=0.0, preconditioner=NystromPreconditioner(rank=3, refresh_every=2)
+      ih.CG, steps=N, tol=0.0, preconditioner=ih.NystromPreconditioner(rank=3, refresh_every=2)
     ),
     1e-10,
     symmetric_only=True,
@@ -220,7 +217,7 @@ def test_implicit_root_accepts_exactly_the_general_solvers(name):
 
 @pytest.mark.parametrize(
   "solver",
-  [MINRES(steps=6), GMRES(steps=6), Nystrom(rank=6, ridge=1e-3), CG(steps=6, tol=0.0)],
+  [ih.MINRES(steps=6), ih.GMRES(steps=6), ih.Nystrom(rank=6, ridge=1e-3), ih.CG(steps=6, tol=0.0)],
   ids=["minres", "gmres", "nystrom", "cg"],
 )
 def test_hypergradient_matches_direct_solve_on_ridge(solver):
@@ -251,7 +248,7 @@ def test_lanczos_ritz_values_lie_in_the_spectrum_and_converge_faster_than_power_
   matvec = lambda v: a @ v
   previous = 0.0
   for steps in (2, 4, 8, 16):
-    ritz = spectral.lanczos(matvec, jnp.zeros(200), steps=steps)
+    ritz = ih.lanczos(matvec, jnp.zeros(200), steps=steps)
     assert 0.01 - 1e-12 <= float(ritz.smallest) <= float(ritz.largest) <= 10.0 + 1e-12
     assert float(ritz.largest) >= previous  # a larger Krylov space only improves it
     if steps >= 4:  # Zhou & Li's bound holds lambda_max once theta_max starts to converge
@@ -263,7 +260,7 @@ def test_lanczos_ritz_values_lie_in_the_spectrum_and_converge_faster_than_power_
 
 def test_lanczos_stops_exactly_when_the_krylov_space_is_invariant():
   a = jnp.diag(jnp.array([3.0, 1.0, -0.5]))
-  ritz = spectral.lanczos(lambda v: a @ v, jnp.zeros(3), steps=50)
+  ritz = ih.lanczos(lambda v: a @ v, jnp.zeros(3), steps=50)
   assert int(ritz.num_steps) == 3
   np.testing.assert_allclose([ritz.smallest, ritz.largest], [-0.5, 3.0], rtol=1e-12)
   assert float(ritz.largest_residual) < 1e-12
@@ -277,7 +274,7 @@ def test_max_eigenvalue_by_lanczos_and_by_power_iteration_agree():
   with pytest.raises(ValueError, match=r"max_eigenvalue\(method=...\)"):
     ih.max_eigenvalue(lambda v: v, jnp.zeros(2), method="arnoldi")
   with pytest.raises(ValueError, match=r"lanczos\(steps=...\)"):
-    spectral.lanczos(lambda v: v, jnp.zeros(2), steps=0)
+    ih.lanczos(lambda v: v, jnp.zeros(2), steps=0)
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -325,7 +322,7 @@ def test_minres_is_exact_after_n_steps_on_a_symmetric_indefinite_system():
   n = 12
   eigenvalues = np.concatenate([np.linspace(-5.0, -0.5, 4), np.linspace(0.5, 20.0, n - 4)])
   a, b = _spd(8, eigenvalues), _b(8, n)
-  x, info, _ = MINRES(steps=n, tol=0.0).solve(lambda v: a @ v, b)
+  x, info, _ = ih.MINRES(steps=n, tol=0.0).solve(lambda v: a @ v, b)
   assert _relative_error(x, jnp.linalg.solve(a, b)) < 1e-8
   assert bool(info.negative_curvature) and not bool(info.diverged)
 
@@ -336,7 +333,7 @@ def test_minres_residual_never_grows_and_is_the_true_residual():
   a, b = _spd(9, eigenvalues), _b(9, n)
   residuals = []
   for steps in range(1, n + 1, 3):
-    x, info, _ = MINRES(steps=steps, tol=0.0).solve(lambda v: a @ v, b)
+    x, info, _ = ih.MINRES(steps=steps, tol=0.0).solve(lambda v: a @ v, b)
     true = float(jnp.linalg.norm(b - a @ x) / jnp.linalg.norm(b))
     assert abs(float(info.residual_norm) - true) < 1e-10
     residuals.append(true)
@@ -346,8 +343,8 @@ def test_minres_residual_never_grows_and_is_the_true_residual():
 def test_minres_matches_cg_residual_bound_on_spd_and_reports_no_negative_curvature():
   a, b = _spd(10, np.geomspace(1.0, 500.0, 40)), _b(10, 40)
   for steps in (5, 10, 20):
-    _, minres, _ = MINRES(steps=steps, tol=0.0).solve(lambda v: a @ v, b)
-    _, cg, _ = CG(steps=steps, tol=0.0).solve(lambda v: a @ v, b)
+    _, minres, _ = ih.MINRES(steps=steps, tol=0.0).solve(lambda v: a @ v, b)
+    _, cg, _ = ih.CG(steps=steps, tol=0.0).solve(lambda v: a @ v, b)
     assert float(minres.residual_norm) <= float(cg.residual_norm) + 1e-12
     assert not bool(minres.negative_curvature)
 
@@ -358,7 +355,7 @@ def test_minres_matches_cg_residual_bound_on_spd_and_reports_no_negative_curvatu
 def test_gmres_is_exact_after_n_steps_on_a_nonsymmetric_system():
   n = 12
   a, b = _nonsymmetric(11, n), _b(11, n)
-  x, info, _ = GMRES(steps=n, tol=0.0).solve(lambda v: a @ v, b)
+  x, info, _ = ih.GMRES(steps=n, tol=0.0).solve(lambda v: a @ v, b)
   assert _relative_error(x, jnp.linalg.solve(a, b)) < 1e-8
   assert int(info.num_steps) == n and float(info.residual_norm) < 1e-12
 
@@ -368,7 +365,7 @@ def test_restarted_gmres_residual_never_grows():
   a = 5.0 * jnp.eye(n) + 0.5 * jnp.asarray(np.random.default_rng(12).normal(size=(n, n)))
   b = _b(12, n)
   residuals = [
-    float(GMRES(steps=steps, restart=5, tol=0.0).solve(lambda v: a @ v, b)[1].residual_norm)
+    float(ih.GMRES(steps=steps, restart=5, tol=0.0).solve(lambda v: a @ v, b)[1].residual_norm)
     for steps in range(5, 61, 5)
   ]
   assert np.all(np.diff(residuals) <= 1e-12) and residuals[-1] < 1e-6
@@ -378,7 +375,7 @@ def test_gmres_differentiates_a_nonsymmetric_root_under_implicit_root():
   a = _nonsymmetric(13, 6)
   optimality = lambda x, theta: a @ x - jnp.tanh(theta)
 
-  @ih.implicit_root(optimality, solver=GMRES(steps=6, tol=0.0))
+  @ih.implicit_root(optimality, solver=ih.GMRES(steps=6, tol=0.0))
   def root(x0, theta):
     del x0
     return jnp.linalg.solve(a, jnp.tanh(theta))
@@ -397,7 +394,7 @@ def test_nystrom_at_full_rank_is_the_exact_inverse_of_h_plus_damping(damping):
   n = 20
   eigenvalues = np.concatenate([np.linspace(-1.5, -0.5, 3), np.geomspace(0.1, 50.0, n - 3)])
   h, b = _spd(14, eigenvalues), _b(14, n)
-  x, info, _ = Nystrom(rank=n, ridge=damping).solve(lambda v: h @ v, b)
+  x, info, _ = ih.Nystrom(rank=n, ridge=damping).solve(lambda v: h @ v, b)
   assert _relative_error(x, jnp.linalg.solve(h + damping * jnp.eye(n), b)) < 1e-10
   assert float(info.residual_norm) < 1e-10
   assert bool(info.negative_curvature) == (damping < 1.5)  # lambda_min(H + rho) < 0
@@ -409,14 +406,14 @@ def test_nystrom_is_exact_on_a_low_rank_indefinite_hessian_through_its_damping()
   u, _ = np.linalg.qr(np.random.default_rng(15).normal(size=(n, 4)))
   h = jnp.asarray(u @ np.diag([40.0, 5.0, -2.0, -0.2]) @ u.T)
   b = _b(15, n)
-  x, info, _ = Nystrom(rank=6, ridge=damping).solve(lambda v: h @ v, b)
+  x, info, _ = ih.Nystrom(rank=6, ridge=damping).solve(lambda v: h @ v, b)
   assert _relative_error(x, jnp.linalg.solve(h + damping * jnp.eye(n), b)) < 1e-10
   assert not bool(info.diverged) and not bool(info.negative_curvature)
 
 
 def test_nystrom_sketch_is_reused_for_refresh_every_solves():
   matvec, count = _counting(lambda v: _spd(16) @ v)
-  solver = Nystrom(rank=5, refresh_every=3, ridge=0.1)
+  solver = ih.Nystrom(rank=5, refresh_every=3, ridge=0.1)
   state = solver.init(jnp.zeros(N))
   solve = jax.jit(lambda state: solver.solve(matvec, _b(16), state))
   bases, counts = [], []
@@ -433,15 +430,15 @@ def test_nystrom_sketch_is_reused_for_refresh_every_solves():
 
 def test_nystrom_rejects_bad_settings_naming_the_argument():
   with pytest.raises(ValueError, match=r"Nystrom\(rank=...\)"):
-    Nystrom(rank=0)
+    ih.Nystrom(rank=0)
   with pytest.raises(ValueError, match=r"NystromPreconditioner\(refresh_every=...\)"):
-    NystromPreconditioner(refresh_every=0)
+    ih.NystromPreconditioner(refresh_every=0)
   with pytest.raises(ValueError, match=r"MINRES\(steps=...\)"):
-    MINRES(steps=-1)
+    ih.MINRES(steps=-1)
   with pytest.raises(ValueError, match=r"GMRES\(restart=...\)"):
-    GMRES(restart=0)
+    ih.GMRES(restart=0)
   with pytest.raises(TypeError, match=r"CG\(preconditioner=...\)"):
-    CG(preconditioner="nystrom")
+    ih.CG(preconditioner="nystrom")
 
 
 # The Nystrom preconditioner inside CG's state.
@@ -449,8 +446,8 @@ def test_nystrom_rejects_bad_settings_naming_the_argument():
 
 def test_preconditioner_is_kept_in_cg_state_and_reused_for_refresh_every_solves():
   matvec, count = _counting(lambda v: _spd(17, np.geomspace(1.0, 500.0, 40)) @ v)
-  preconditioner = NystromPreconditioner(rank=10, refresh_every=3)
-  solver = CG(steps=5, tol=0.0, warm_start=False, preconditioner=preconditioner)
+  preconditioner = ih.NystromPreconditioner(rank=10, refresh_every=3)
+  solver = ih.CG(steps=5, tol=0.0, warm_start=False, preconditioner=preconditioner)
   state = solver.init(jnp.zeros(40))
   solve = jax.jit(lambda b, state: solver.solve(matvec, b, state))
   sketches, counts = [], []
@@ -479,7 +476,7 @@ class _DecayingRidge(_problems.Ridge):
 
 
 def test_preconditioned_cg_error_at_20_products_is_a_tenth_of_plain_cg_on_ill_conditioned_ridge():
-  """20 products per solve: CG(20) against a rank-50 sketch reused over 10 solves + 15 steps."""
+  """20 products per solve: ih.CG(20) against a rank-50 sketch reused over 10 solves + 15 steps."""
   problem = _DecayingRidge()
   eigenvalues = jnp.linalg.eigvalsh(problem.hessian(problem.lam))
   assert 400 < float(eigenvalues[-1] / eigenvalues[0]) < 600
@@ -501,10 +498,10 @@ def test_preconditioned_cg_error_at_20_products_is_a_tenth_of_plain_cg_on_ill_co
       out.append(_problems.relative_error(got, exact))
     return out
 
-  (plain,) = errors(CG(steps=20, tol=0.0, warm_start=False), 1)
-  preconditioner = NystromPreconditioner(rank=50, refresh_every=10)
+  (plain,) = errors(ih.CG(steps=20, tol=0.0, warm_start=False), 1)
+  preconditioner = ih.NystromPreconditioner(rank=50, refresh_every=10)
   preconditioned = errors(
-    CG(steps=15, tol=0.0, warm_start=False, preconditioner=preconditioner), 10
+    ih.CG(steps=15, tol=0.0, warm_start=False, preconditioner=preconditioner), 10
   )
   assert max(preconditioned) <= 0.1 * plain, (plain, preconditioned)
 
@@ -515,10 +512,10 @@ def test_preconditioned_cg_error_at_20_products_is_a_tenth_of_plain_cg_on_ill_co
 @pytest.mark.parametrize(
   "solver",
   [
-    MINRES(steps=20, tol=1e-8),
-    GMRES(steps=20, tol=1e-8),
-    Nystrom(rank=20, refresh_every=5),
-    CG(steps=20, tol=1e-8, preconditioner=NystromPreconditioner(rank=10, refresh_every=5)),
+    ih.MINRES(steps=20, tol=1e-8),
+    ih.GMRES(steps=20, tol=1e-8),
+    ih.Nystrom(rank=20, refresh_every=5),
+    ih.CG(steps=20, tol=1e-8, preconditioner=ih.NystromPreconditioner(rank=10, refresh_every=5)),
   ],
   ids=["minres", "gmres", "nystrom", "cg_nystrom"],
 )
