@@ -211,7 +211,7 @@ def machine() -> dict:
 
 
 def provenance() -> dict:
-  """What every run.json shares: library, JAX and Python versions and the git commit."""
+  """What every run.json shares: the library, JAX and Python versions."""
   import jax
   import jaxlib
 
@@ -222,7 +222,6 @@ def provenance() -> dict:
     "jax": jax.__version__,
     "jaxlib": jaxlib.__version__,
     "python": platform.python_version(),
-    "git_commit": _git("rev-parse", "HEAD"),
   }
 
 
@@ -233,6 +232,8 @@ def run_one(run: Run, out: Path, *, quick: bool, shared: dict) -> dict:
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user runs it
   out.mkdir(parents=True)
   load_before = machine()["load_average_1_5_15"]
+  # When the script starts: the tree may move on during a long run.
+  commit, edited = _git("rev-parse", "HEAD"), bool(_git("status", "--porcelain", "--", run.script))
   start = time.perf_counter()
   result = subprocess.run(
     command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT_S, check=False
@@ -246,7 +247,8 @@ def run_one(run: Run, out: Path, *, quick: bool, shared: dict) -> dict:
     "wall_seconds": round(seconds, 1),
     "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     **shared,
-    "script_modified_since_commit": bool(_git("status", "--porcelain", "--", run.script)),
+    "git_commit": commit,
+    "script_modified_since_commit": edited,
     "machine": machine() | {"load_average_before": load_before},
   }
   (out / "run.json").write_text(json.dumps(record, indent=2) + "\n")
