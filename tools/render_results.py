@@ -1,0 +1,330 @@
+"""Render the results tables of README.md and docs/results/README.md from docs/results/.
+
+    python -m tools.render_results            # rewrite the blocks between the markers
+    python -m tools.render_results --check    # exit 1 if a file differs from the rendering
+
+Each block sits between `<!-- NAME:begin -->` and `<!-- NAME:end -->`; everything outside the
+markers is left as it is. tests/test_reproduce.py fails when a block differs from what this script
+renders, so a number in the README cannot outlive the run that produced it.
+"""
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+README = ROOT / "README.md"
+NOT_RECORDED = "not recorded¹"
+
+
+def load(name: str, file: str = "metrics.json"):
+  return json.loads((RESULTS / name / file).read_text())
+
+
+def wall(name: str) -> str:
+  seconds = load(name, "run.json")["wall_seconds"]
+  return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def spread(values, digits: int = 3) -> str:
+  """`mean ± sample std` of `values` (just the value if there is one)."""
+  if len(values) == 1:
+    return f"{values[0]:.{digits}f}"
+  return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def seconds(value: float) -> str:
+  if value < 1e-3:
+    return f"{value * 1e6:.0f} µs"
+  if value < 1:
+    return f"{value * 1e3:.3g} ms"
+  return f"{value:.3g} s"
+
+
+def mebibytes(size: float) -> str:
+  return f"{size / 2**20:.3g} MiB"
+
+
+def seeds(prefix: str) -> list[dict]:
+  """metrics.json of `prefix` and `prefix_seed1`, `prefix_seed2`, ... that exist."""
+  names = [prefix] + sorted(p.name for p in RESULTS.glob(f"{prefix}_seed*"))
+  return [load(name) for name in names if (RESULTS / name / "metrics.json").exists()]
+
+
+def overfit_row(prefix: str, title: str, what: str, command: str) -> str:
+  runs = seeds(prefix)
+  first = runs[0]
+  col = lambda key: [r[key] for r in runs]  # noqa: E731
+  gain = [r["test_acc"] - r["untuned_test_acc"] for r in runs]
+  shown = (
+    f"validation accuracy {spread(col('untuned_val_acc'), 2)} → **{spread(col('val_acc'), 2)}**"
+    f" while test accuracy goes {spread(col('untuned_test_acc'))} → **{spread(col('test_acc'))}**"
+    f" (untuned → tuned decays; test gain {spread(gain)}; {len(runs)} seeds, mean ± std);"
+    f" {spread(col('seconds_per_hyper_step'), 2)} s per hyper step,"
+    f" {first['hyper_steps']} hyper steps"
+  )
+  skipped = ", ".join(str(r["skipped_hyper_steps"]) for r in runs) + " (per seed)"
+  what = what.format(n=first["num_hyperparams"])
+  return f"| {title} | {what} | {shown} | {skipped} | `{command}` ({wall(prefix)} per seed) |"
+
+
+def examples_table() -> str:
+  rows = [
+    "| example | what it shows | default run | hyper steps skipped | command (wall time) |",
+    "|---|---|---|---|---|",
+    overfit_row(
+      "overfit_validation",
+      "Overfitting a validation set",
+      "{n:,} per-weight decays of an MLP on 50 training / 50 validation digits",
+      "python examples/overfit_validation.py",
+    ),
+    overfit_row(
+      "overfit_million",
+      "… with a million hyperparameters",
+      "{n:,} per-weight decays (`--width 1000`)",
+      "python examples/overfit_validation.py --width 1000 --hyper-steps 200",
+    ),
+  ]
+  logreg, mlp = load("dataset_distillation"), load("dataset_distillation_mlp")
+  rows.append(
+    f"| Dataset distillation | 10 learned 8×8 digits ({logreg['num_hyperparams']} hyperparameters);"
+    " logistic regression trained from scratch on them"
+    f" | test accuracy **{logreg['distilled_test_acc']:.3f}**"
+    f" vs {logreg['class_mean_test_acc']:.3f}"
+    f" on the 10 class means and {logreg['random_real_test_acc']:.3f} on 10 random real digits"
+    f" (mean of 5 draws); MLP option: {mlp['distilled_test_acc']:.3f} vs"
+    f" {mlp['class_mean_test_acc']:.3f} / {mlp['random_real_test_acc']:.3f}"
+    f" | none (no guard; {logreg['hypergradient_solves']['flagged']} /"
+    f" {mlp['hypergradient_solves']['flagged']} solves flagged)"
+    f" | `python examples/dataset_distillation.py` ({wall('dataset_distillation')};"
+    f" `--model mlp` {wall('dataset_distillation_mlp')}) |"
+  )
+  aug = load("learned_augmentation")
+  rows.append(
+    f"| Learned data augmentation | a residual convolutional augmenter `x + tanh(r(x, z))` with a"
+    f" noise channel ({aug['num_hyperparams']:,} hyperparameters); small CNN on"
+    f" {aug['train_size']} digits; {aug['seeds']} seeds"
+    f" | test accuracy **{aug['aug_test_acc_mean']:.3f} ± {aug['aug_test_acc_std']:.3f}** with the"
+    f" learned augmentation vs {aug['noaug_test_acc_mean']:.3f} ± {aug['noaug_test_acc_std']:.3f}"
+    f" without (paired gain {aug['test_acc_gain_mean']:.3f} ± {aug['test_acc_gain_std']:.3f});"
+    f" a fixed Gaussian-noise augmentation (σ = {aug['noise_std']:g}):"
+    f" {aug['noise_test_acc_mean']:.3f} ± {aug['noise_test_acc_std']:.3f}"
+    f" | {', '.join(str(r['skipped_hyper_steps']) for r in aug['runs'])} (per seed,"
+    f" of {aug['hyper_steps']})"
+    f" | `python examples/learned_augmentation.py` ({wall('learned_augmentation')}) |"
+  )
+  inv = load("inverse_comparison")
+  pairs = [
+    ("Identity", "identity"),
+    ("Neumann 5 terms", "neumann_5"),
+    ("Neumann 20", "neumann_20"),
+    ("CG 5 steps", "cg_5"),
+    ("CG 20", "cg_20"),
+  ]
+  cells = ", ".join(
+    f"{label} {inv[f'{key}_cosine']:.3g} / {inv[f'{key}_rel_error']:.2g}" for label, key in pairs
+  )
+  rows.append(
+    "| Inverse-Hessian approximations | per-feature weight decay on diabetes; approximate"
+    " hypergradients vs `ih.Direct()`"
+    f" | cosine / relative error after {inv['hyper_steps']} hyper steps: {cells}"
+    f" | {NOT_RECORDED} | `python examples/inverse_comparison.py` ({wall('inverse_comparison')}) |"
+  )
+  imaml = load("imaml_sinusoid")
+  rows.append(
+    "| iMAML | 10-shot sinusoid regression, proximal inner problem, CG backward pass, `vmap` over"
+    " 25 tasks"
+    f" | query MSE on {imaml['eval_tasks']:,} held-out tasks after adaptation:"
+    f" **{imaml['imaml_mse']:.3f}** ± {imaml['imaml_mse_stderr']:.3f} (meta-learned"
+    f" initialisation) vs {imaml['pretrain_mse']:.3f} ± {imaml['pretrain_mse_stderr']:.3f}"
+    " (pretrained on pooled tasks, same adaptation; ± standard error); backward CG stopped on"
+    f" negative curvature in {100 * imaml['cg_breakdown_fraction']:.1f}% of task solves"
+    f" | {NOT_RECORDED} | `python examples/imaml_sinusoid.py` ({wall('imaml_sinusoid')}) |"
+  )
+  clean = load("hyper_cleaning")
+  acc, sizes = clean["test_acc"], clean["sizes"]
+  rows.append(
+    f"| Data hyper-cleaning | one weight per training label, {sizes['train']:,} MNIST images with"
+    f" {100 * clean['noise']:.0f}% of labels replaced; {sizes['validation']:,} clean validation"
+    f" | test accuracy **{acc['hyper_cleaning']:.3f}** vs {acc['noisy_labels']:.3f} trained on"
+    f" the noisy labels, {acc['validation_only']:.3f} on the validation set alone and"
+    f" {acc['clean_half_oracle']:.3f} for the oracle on the clean half; wrong labels found with"
+    f" ROC AUC {clean['detection']['auc']:.3f}"
+    f" | {NOT_RECORDED} | `python examples/hyper_cleaning.py` ({wall('hyper_cleaning')}) |"
+  )
+  machine = load("overfit_validation", "run.json")["machine"]
+  return "\n".join(rows) + (
+    f"\n\n¹ the example does not write the count to its metrics.json. Machine: {machine['cpu']},"
+    f" {machine['cores']} cores, shared (load average at the start of each run in its run.json)."
+  )
+
+
+SPEED_COLUMNS = (
+  ("hand-written floor", "floor"),
+  ("`ih` Neumann", "ih Neumann(alpha)"),
+  ("`ih` Neumann, α=None", "ih Neumann(auto)"),
+  ("`ih` CG", "ih CG"),
+  ("jaxopt CG", "jaxopt CG"),
+  ("jaxopt normal CG", "jaxopt normal CG"),
+  ("unrolled 20 SGD steps", "unrolled 20 steps"),
+)
+
+
+def speed_table() -> str:
+  payload = load("speed", "speed.json")
+  rows = [
+    "| weights | " + " | ".join(label for label, _ in SPEED_COLUMNS) + " |",
+    "|---" * (len(SPEED_COLUMNS) + 1) + "|",
+  ]
+  for result in payload["results"]:
+    cells = []
+    for _, key in SPEED_COLUMNS:
+      value = result["seconds"].get(key)
+      cell = "n/a" if value is None else seconds(value)
+      if key == "ih Neumann(alpha)":
+        cell += f" ({result['ratio_to_floor'][key]:.2f}×)"
+      cells.append(cell)
+    rows.append(f"| {result['weights']:,} | " + " | ".join(cells) + " |")
+  largest = payload["results"][-1]
+  time = lambda key: largest["seconds"].get(key)  # noqa: E731
+  costs = [r["product_costs"] for r in payload["results"]]
+  slower = [
+    c["reverse-over-reverse"]["seconds"] / c["forward-over-reverse"]["seconds"] for c in costs
+  ]
+  auto = time("ih Neumann(auto)") / time("ih Neumann(alpha)")
+  note = "\n\n(× = median ratio to the floor within the same run.)"
+  if time("jaxopt CG"):
+    note += (
+      f" At {largest['weights']:,} weights the Neumann hypergradient takes"
+      f" {time('ih Neumann(alpha)') / time('jaxopt CG'):.2f}× jaxopt's CG time: jaxopt computes"
+      " each Hessian-vector product reverse-over-reverse, which on this machine takes"
+      f" {min(slower):.1f}-{max(slower):.1f}× as long for the same flops as the"
+      " forward-over-reverse product used here."
+    )
+  note += (
+    f" `alpha=None` costs {auto:.1f}× as much because it spends {payload['steps'] + 1} products on"
+    " power iteration at every call: cache the step, as `ih.bilevel` does (`refresh_every`), or"
+    " fix `alpha`."
+  )
+  return "\n".join(rows) + note
+
+
+def benchmark_lines() -> str:
+  memory = load("memory", "memory.json")
+  by = {(r["method"], r["steps"]): r["xla_total_bytes"] for r in memory["results"]}
+  steps = sorted({s for _, s in by})
+  implicit = " / ".join(mebibytes(by["implicit", s]) for s in steps)
+  unrolled = " / ".join(mebibytes(by["unrolled", s]) for s in steps)
+  accuracy = {r["problem"]: r["curves"] for r in load("accuracy", "accuracy.json")["results"]}
+
+  def error(problem, method, k):
+    curve = accuracy[problem][method]
+    return f"{curve['relative_error'][curve['k'].index(k)]:.2g}"
+
+  neumann = "Neumann(alpha=1/lambda_max)"
+  scale = load("scale", "scale.json")["results"]
+  big = [r for r in scale if r["hyperparameters"] >= 10**6]
+  per_hparam = statistics.median(r["xla_total_bytes"] / r["hyperparameters"] for r in big or scale)
+  sizes = ", ".join(f"{r['hyperparameters']:,} in {seconds(r['seconds'])}" for r in big or scale)
+  return "\n".join(
+    [
+      f"- **Memory** (`python benchmarks/memory.py`): after T = {' / '.join(map(str, steps))}"
+      f" training steps the implicit hypergradient's compiled program needs {implicit};"
+      f" unrolled differentiation needs {unrolled} ({memory['weights']:,} weights).",
+      "- **Accuracy** (`python benchmarks/accuracy.py`, float64, 640 hyperparameters on digits):"
+      f" relative error after K = 20 / 100 products: CG {error('ridge', 'CG', 20)} /"
+      f" {error('ridge', 'CG', 100)} (ridge) and {error('logistic', 'CG', 20)} /"
+      f" {error('logistic', 'CG', 100)} (logistic); Neumann {error('ridge', neumann, 20)} /"
+      f" {error('ridge', neumann, 100)} (ridge) and {error('logistic', neumann, 20)} /"
+      f" {error('logistic', neumann, 100)} (logistic).",
+      f"- **Scale** (`python benchmarks/scale.py`): per hypergradient, {sizes} hyperparameters;"
+      f" XLA's memory analysis about {per_hparam:.0f} bytes per hyperparameter.",
+    ]
+  )
+
+
+def benchmarks_block() -> str:
+  machine = load("speed", "run.json")["machine"]
+  jax = load("speed", "speed.json")["machine"]["jax"]
+  return (
+    f"Measured on {machine['cpu']} ({machine['cores']} cores, shared with other jobs), jax {jax}"
+    " on CPU, float32 except `accuracy.py` (float64). Details, commands and plots:"
+    " [benchmarks/README.md](benchmarks/README.md); the files behind these numbers:"
+    " [docs/results/](docs/results/).\n\nOne hypergradient of an MLP with one weight decay per"
+    " weight, K = 20 Hessian-vector products, median of interleaved rounds"
+    ' (`pip install -e ".[bench]" && python benchmarks/speed.py`):\n\n'
+    + speed_table()
+    + "\n\n"
+    + benchmark_lines()
+  )
+
+
+def runs_table() -> str:
+  """One row per run in docs/results/: its command, wall time, machine load, commit, date."""
+  rows = [
+    "| result | command | wall time | load average (1 min) before → after | commit | date |",
+    "|---|---|---|---|---|---|",
+  ]
+  for path in sorted(RESULTS.glob("*/run.json")):
+    run = json.loads(path.read_text())
+    load = run["machine"]
+    edited = " (script with uncommitted edits)" if run["script_modified_since_commit"] else ""
+    rows.append(
+      f"| [{run['name']}]({run['name']}/run.json) | `{' '.join(run['command'])}`"
+      f" | {run['wall_seconds']:.0f} s"
+      f" | {load['load_average_before'][0]:.1f} → {load['load_average_1_5_15'][0]:.1f}"
+      f" | {run['git_commit'][:7]}{edited} | {run['date'][:16]} |"
+    )
+  first = json.loads(next(RESULTS.glob("*/run.json")).read_text())
+  total = sum(json.loads(p.read_text())["wall_seconds"] for p in RESULTS.glob("*/run.json"))
+  return "\n".join(rows) + (
+    f"\n\nTotal wall time {total / 60:.0f} min on {first['machine']['cpu']}"
+    f" ({first['machine']['cores']} cores); implicit_hyper {first['implicit_hyper']},"
+    f" jax {first['jax']}, jaxlib {first['jaxlib']}, Python {first['python']}."
+  )
+
+
+BLOCKS = {
+  README: {"results": examples_table, "benchmarks": benchmarks_block},
+  RESULTS / "README.md": {"runs": runs_table},
+}
+
+
+def render(text: str, blocks) -> str:
+  """`text` with the block between the markers of each name in `blocks` rendered anew."""
+  for name, make in blocks.items():
+    pattern = re.compile(rf"(<!-- {name}:begin -->\n).*?(<!-- {name}:end -->)", re.S)
+    if not pattern.search(text):
+      raise ValueError(f"no <!-- {name}:begin --> ... <!-- {name}:end --> block")
+    text = pattern.sub(lambda m, make=make: m[1] + make() + "\n" + m[2], text)
+  return text
+
+
+def stale() -> list[Path]:
+  """The files whose blocks differ from what the committed results render."""
+  return [
+    path for path, blocks in BLOCKS.items() if render(path.read_text(), blocks) != path.read_text()
+  ]
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--check", action="store_true", help="only report which files differ")
+  args = parser.parse_args(argv)
+  if args.check:
+    for path in stale():
+      print(
+        f"{path.relative_to(ROOT)} differs from python -m tools.render_results", file=sys.stderr
+      )
+    return 1 if stale() else 0
+  for path, blocks in BLOCKS.items():
+    path.write_text(render(path.read_text(), blocks))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
