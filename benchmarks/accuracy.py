@@ -14,10 +14,19 @@ exact largest Hessian eigenvalue), `Neumann(steps=K)` (alpha by power iteration)
 `CG(steps=K, tol=0)`: relative error ``||g - g*|| / ||g*||``, cosine similarity, and
 the median wall time of a jitted call, since a CG step and the power iteration cost more.
 
+The newer solvers at the same K products per solve: `MINRES(steps=K-1)` and
+`GMRES(steps=K-1)` (one more product for the reported residual), `Nystrom(rank=K-1,
+ridge=lambda_max/100)` (its damping rho, so it approximates ``(H + rho I)^{-1}``), and
+`CG(steps=K - ceil(K/5), preconditioner=NystromPreconditioner(rank=2K,
+refresh_every=10))`, whose sketch of 2K products is amortised over the 10 solves that
+reuse it (the error of every reusing solve is that of the first here, the Hessian being
+fixed; the time includes the sketch).
+
   python benchmarks/accuracy.py
 """
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -110,6 +119,14 @@ def solvers(k: int, alpha: float) -> dict:
     "Neumann(alpha=1/lambda_max)": ih.Neumann(steps=k, alpha=alpha),
     "Neumann(alpha=None)": ih.Neumann(steps=k),
     "CG": ih.CG(steps=k, tol=0.0),
+    "MINRES": ih.MINRES(steps=max(k - 1, 0), tol=0.0),
+    "GMRES": ih.GMRES(steps=max(k - 1, 0), tol=0.0),
+    "Nystrom": ih.Nystrom(rank=max(k - 1, 1), ridge=0.01 / alpha),
+    "CG+Nystrom": ih.CG(
+      steps=k - math.ceil(k / 5),
+      tol=0.0,
+      preconditioner=ih.NystromPreconditioner(rank=max(2 * k, 1), refresh_every=10),
+    ),
   }
 
 

@@ -22,6 +22,7 @@ from implicit_hyper._src.solvers._base import SolveInfo as SolveInfo
 from implicit_hyper._src.solvers._base import solver_pytree as solver_pytree
 from implicit_hyper._src.solvers.bicgstab import BiCGStab as BiCGStab
 from implicit_hyper._src.solvers.cg import CG as CG
+from implicit_hyper._src.solvers.cg import CGState as CGState
 from implicit_hyper._src.solvers.direct import Direct as Direct
 from implicit_hyper._src.solvers.function import FunctionSolver as FunctionSolver
 from implicit_hyper._src.solvers.gmres import GMRES as GMRES

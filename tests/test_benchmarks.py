@@ -71,7 +71,7 @@ def test_accuracy_direct_solve_equals_the_closed_form_ridge_hypergradient(result
   problems = {r["problem"]: r for r in payload["results"]}
   assert set(problems) == {"ridge", "logistic"}
   for result in problems.values():
-    assert {"Neumann(alpha=1/lambda_max)", "Neumann(alpha=None)", "CG", "Direct"} == set(
+    assert {"Neumann(alpha=1/lambda_max)", "Neumann(alpha=None)", "CG", "Direct"} <= set(
       result["curves"]
     )
     assert result["inner_gradient_norm_at_solution"] < 1e-10

@@ -55,6 +55,16 @@ REGISTRY = {
     functools.partial(ih.BiCGStab, steps=4 * N, tol=1e-14), 1e-10, solves_indefinite=True
   ),
   "direct": Entry(ih.Direct, 1e-12, solves_indefinite=True),
+  "minres": Entry(
+    functools.partial(ih.MINRES, steps=N, tol=0.0),
+    1e-10,
+    symmetric_only=True,
+    solves_indefinite=True,
+  ),
+  "gmres": Entry(functools.partial(ih.GMRES, steps=N, tol=0.0), 1e-10, solves_indefinite=True),
+  "nystrom": Entry(
+    functools.partial(ih.Nystrom, rank=N), 1e-10, symmetric_only=True, solves_indefinite=True
+  ),
   "function": Entry(
     functools.partial(ih.FunctionSolver, fn=scipy_bicgstab), 1e-10, solves_indefinite=True
   ),

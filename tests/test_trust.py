@@ -332,3 +332,18 @@ def test_record_solves_under_jit_and_the_ignore_policy():
 def test_invalid_policy_is_refused():
   with pytest.raises(ValueError, match="on_failure"):
     ih.implicit_argmin(quadratic, on_failure="panic")
+
+
+def test_neumann_reports_negative_curvature_flagged_by_decorators_not_by_hypergrad():
+  d = jnp.array([1.0, -0.01, 0.5])
+  saddle = lambda w, lam: 0.5 * jnp.sum(d * w**2) - lam * jnp.sum(w)
+  solve = ih.implicit_argmin(saddle, solver=ih.Neumann(steps=5))(lambda w0, lam: lam / d)
+  with pytest.warns(ih.HypergradientWarning, match="negative curvature"):
+    jax.grad(lambda lam: jnp.sum(solve(jnp.zeros(3), lam)))(1.0)
+  # At an iterate of training (the online loop) it is reported, not flagged.
+  outer = lambda w, lam: jnp.sum(w)
+  _, info, _ = ih.hypergrad_with_info(
+    saddle, outer, 1.0 / d, jnp.asarray(1.0), solver=ih.Neumann(steps=5)
+  )
+  assert bool(info.negative_curvature)
+  ih.hypergrad(saddle, outer, 1.0 / d, jnp.asarray(1.0), solver=ih.Neumann(steps=5))

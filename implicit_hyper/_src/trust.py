@@ -61,11 +61,14 @@ class Checks:
       divergence; a truncated Neumann series is inexact by design).
     stationarity_tol: flag an inner solution whose relative stationarity exceeds this
       (None: do not check).
+    curvature: flag negative curvature seen by the solver (a claimed minimum that is
+      none); off where the point is an iterate of training by design (`hypergrad`).
   """
 
   on_failure: str = "warn"
   tol: float | None = None
   stationarity_tol: float | None = DEFAULT_STATIONARITY_TOL
+  curvature: bool = True
 
   def validate(self, call: str) -> "Checks":
     if self.on_failure not in POLICIES:
@@ -85,7 +88,7 @@ def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
   residual = np.max(info.residual_norm)
   if np.any(info.diverged):
     reasons.append(f"the linear solve diverged or is not finite (relative residual {residual:.3g})")
-  if np.any(info.negative_curvature):
+  if checks.curvature and np.any(info.negative_curvature):
     reasons.append(
       "the Hessian has negative curvature at the inner solution, which is then no strict "
       "minimum (solve the inner problem closer to a minimum, add a `ridge`, or use ih.MINRES)"
