@@ -18,13 +18,18 @@ from collections.abc import Callable
 from typing import Any
 from typing import ClassVar
 from typing import NamedTuple
+from typing import TypeVar
+from typing import dataclass_transform
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
 
+from implicit_hyper._src.solvers import _vectors
+
 Matvec = Callable[[Any], Any]
+SolverClass = TypeVar("SolverClass", bound=type)
 
 # A truncated Neumann series or a Krylov method never makes the residual larger than the
 # right-hand side when it converges; allowing a little slack avoids flagging round-off.
@@ -57,7 +62,8 @@ class SolveInfo(NamedTuple):
   stationarity: jax.Array
 
 
-def solver_pytree(*, data: tuple[str, ...] = ("ridge",)):
+@dataclass_transform(kw_only_default=True, frozen_default=True)
+def solver_pytree(*, data: tuple[str, ...] = ("ridge",)) -> Callable[[SolverClass], SolverClass]:
   """Class decorator: a frozen keyword-only dataclass registered as a pytree.
 
   The fields named in `data` are pytree children (arrays that may be traced); every other
@@ -84,7 +90,7 @@ def check_nonnegative(call: str, name: str, value) -> None:
   """Raises when a concrete `value` is negative or NaN; traced values are left to `SolveInfo`."""
   if isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{call}({name}=...)` must be a non-negative number, got {value!r}.")
-  if isinstance(value, numbers.Real) and not value >= 0:
+  if isinstance(value, numbers.Real) and not value >= 0:  # type: ignore[operator]
     raise ValueError(f"`{call}({name}=...)` must be a non-negative number, got {value!r}.")
 
 
@@ -121,25 +127,11 @@ class LinearSolver:
     return self
 
 
-def tree_add_scale(x, scalar, y):
-  """``x + scalar * y`` leaf by leaf, each leaf keeping its dtype.
-
-  `otu.tree_add_scale` promotes a float32 leaf to float64 when `scalar` is a float64
-  inner product, which breaks loop carries on pytrees that mix the two precisions.
-  """
-  return jax.tree.map(lambda a, c: a + (jnp.asarray(scalar) * c).astype(a.dtype), x, y)
-
-
-def tree_scale(scalar, x):
-  """``scalar * x`` leaf by leaf, each leaf keeping its dtype."""
-  return jax.tree.map(lambda a: (jnp.asarray(scalar) * a).astype(a.dtype), x)
-
-
 def with_ridge(matvec: Matvec, ridge) -> Matvec:
   """Returns ``x -> matvec(x) + ridge * x`` (`matvec` itself for a Python zero)."""
   if isinstance(ridge, numbers.Real) and ridge == 0:
     return matvec
-  return lambda x: tree_add_scale(matvec(x), ridge, x)
+  return lambda x: _vectors.add_scaled(matvec(x), ridge, x)
 
 
 def relative_norm(r, b) -> jax.Array:

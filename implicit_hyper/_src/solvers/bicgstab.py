@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers import cg
 
 
@@ -62,16 +63,16 @@ class BiCGStab(_base.LinearSolver):
       x, r, p, v, rho, alpha, omega, k, _ = state
       rho_new = otu.tree_vdot(shadow, r)
       beta = _ratio(rho_new, rho) * _ratio(alpha, omega)
-      p = otu.tree_add(r, _base.tree_scale(beta, _base.tree_add_scale(p, -omega, v)))
+      p = otu.tree_add(r, _vectors.scaled(beta, _vectors.add_scaled(p, -omega, v)))
       v = matvec(p)
       shadow_v = otu.tree_vdot(shadow, v)
       alpha = _ratio(rho_new, shadow_v)
-      s = _base.tree_add_scale(r, -alpha, v)
+      s = _vectors.add_scaled(r, -alpha, v)
       t = matvec(s)
       tt = otu.tree_vdot(t, t)
       omega = _ratio(otu.tree_vdot(t, s), tt)
-      x = _base.tree_add_scale(_base.tree_add_scale(x, alpha, p), omega, s)
-      r = _base.tree_add_scale(s, -omega, t)
+      x = _vectors.add_scaled(_vectors.add_scaled(x, alpha, p), omega, s)
+      r = _vectors.add_scaled(s, -omega, t)
       converged = otu.tree_norm(r) <= threshold
       broke = ~converged & ((rho_new == 0) | (shadow_v == 0) | (tt == 0) | (omega == 0))
       rho_new, alpha, omega = (c.astype(one.dtype) for c in (rho_new, alpha, omega))

@@ -1,6 +1,7 @@
 """The zero-term approximation ``A^{-1} ~ I``."""
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import _vectors
 
 
 @_base.solver_pytree(data=("ridge", "scale"))
@@ -26,6 +27,6 @@ class Identity(_base.LinearSolver):
   scale: float = 1.0
 
   def compute(self, matvec, b, state):
-    x = _base.tree_scale(self.scale, b)
+    x = _vectors.scaled(self.scale, b)
     info = _base.make_info(x, _base.residual(matvec, x, b), b, 0)
     return x, info._replace(diverged=~_base.tree_all_finite(x)), state

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import _vectors
 
 
 @_base.solver_pytree(data=("ridge", "step_size"))
@@ -62,7 +63,7 @@ class Richardson(_base.LinearSolver):
     def step(_, carry):
       x, _ = carry
       r = _base.residual(matvec, x, b)
-      return _base.tree_add_scale(x, self.step_size, r), r
+      return _vectors.add_scaled(x, self.step_size, r), r
 
     x, r = jax.lax.fori_loop(0, self.steps, step, (x0, b))
     info = _base.make_info(x, r, b, self.steps)
