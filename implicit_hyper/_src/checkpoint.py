@@ -271,7 +271,7 @@ def _exclusive(directory: Path, call: str):
   try:
     import fcntl
   except ImportError:  # No flock (Windows): run unlocked.
-    fcntl = None
+    fcntl = None  # type: ignore[assignment]
   fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
   try:
     if fcntl is not None:

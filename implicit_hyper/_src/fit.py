@@ -258,7 +258,7 @@ def _resume(directory, like, config):
     except checkpoint._CorruptCheckpointError as err:
       corrupt.append((path, err))
       continue
-    for bad, err in corrupt:
+    for bad, err in corrupt:  # type: ignore[misc]
       aside = bad.replace(bad.with_name(bad.name + ".corrupt"))
       warnings.warn(
         f"`fit`: {err} Renamed it {aside.name}; resuming from {path.name}.", stacklevel=3

@@ -1,6 +1,7 @@
 """Checks on user input, made at trace time so errors name the argument at fault."""
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,8 @@ _COMPLEX_HINT = (
 
 def check_same_structure(call: str, name: str, got, expected, expected_name: str) -> None:
   """Raises `ValueError` unless `got` has the tree structure, shapes and dtypes of `expected`."""
+  got_struct: Any
+  expected_struct: Any
   got_struct, expected_struct = jax.tree.structure(got), jax.tree.structure(expected)
   if got_struct != expected_struct:
     raise ValueError(
