@@ -142,3 +142,14 @@ def test_mkdocs_builds_strictly(tmp_path):
   )
   assert result.returncode == 0, result.stderr[-4000:]
   assert (tmp_path / "site" / "api" / "solvers" / "index.html").exists()
+
+
+def test_changelog_has_a_section_for_this_version():
+  changelog = (ROOT / "CHANGELOG.md").read_text()
+  assert re.search(rf"^## {re.escape(implicit_hyper.__version__)}\b", changelog, re.M)
+
+
+def test_citation_file_cites_every_paper_of_the_references_page():
+  citation = (ROOT / "CITATION.cff").read_text()
+  arxiv = set(re.findall(r"arxiv\.org/abs/([\d.]+)", (DOCS / "references.md").read_text()))
+  assert arxiv and not sorted(arxiv - set(re.findall(r"arxiv\.org/abs/([\d.]+)", citation)))
