@@ -16,13 +16,16 @@ def run_example(name, out):
   """Runs ``examples/<name>.py --quick --out <out>`` in a fresh process; returns its metrics."""
   env = dict(os.environ)
   env.pop("XLA_FLAGS", None)  # run on one host device, as a user would
-  subprocess.run(
+  result = subprocess.run(
     [sys.executable, str(EXAMPLES / f"{name}.py"), "--quick", "--out", str(out)],
-    check=True,
     cwd=EXAMPLES,
     env=env,
     timeout=300,
+    capture_output=True,
+    text=True,
   )
+  assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+  assert "HypergradientWarning" not in result.stderr, result.stderr[-4000:]  # healthy runs
   return json.loads((out / "metrics.json").read_text())
 
 

@@ -29,6 +29,7 @@ def run_quick(script: str, out: Path, *extra: str) -> dict:
     check=False,
   )
   assert result.returncode == 0, f"{script} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+  assert "HypergradientWarning" not in result.stderr, result.stderr[-4000:]  # healthy runs
   assert "metrics.json" in result.stdout  # the last line, after the summary table
   return json.loads((out / "metrics.json").read_text())
 

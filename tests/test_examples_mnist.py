@@ -22,6 +22,7 @@ def run_quick(name: str, out: Path) -> dict:
     check=False,
   )
   assert result.returncode == 0, f"{name} failed:\n{result.stdout}\n{result.stderr[-4000:]}"
+  assert "HypergradientWarning" not in result.stderr, result.stderr[-4000:]  # healthy runs
   return json.loads((out / "metrics.json").read_text())
 
 
