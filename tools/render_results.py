@@ -37,6 +37,16 @@ def spread(values, digits: int = 3) -> str:
   return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
+def per_step(values) -> str:
+  """Seconds per hyper step over seeds: `mean ± std s`, 3 significant digits."""
+  mean = statistics.mean(values)
+  return f"{mean:.3g} ± {statistics.stdev(values):.2g} s" if len(values) > 1 else f"{mean:.3g} s"
+
+
+def error(value: float) -> str:
+  return f"{value:.2f}" if value >= 0.01 else f"{value:.1e}"
+
+
 def seconds(value: float) -> str:
   if value < 1e-3:
     return f"{value * 1e6:.0f} µs"
@@ -64,7 +74,7 @@ def overfit_row(prefix: str, title: str, what: str, command: str) -> str:
     f"validation accuracy {spread(col('untuned_val_acc'), 2)} → **{spread(col('val_acc'), 2)}**"
     f" while test accuracy goes {spread(col('untuned_test_acc'))} → **{spread(col('test_acc'))}**"
     f" (untuned → tuned decays; test gain {spread(gain)}; {len(runs)} seeds, mean ± std);"
-    f" {spread(col('seconds_per_hyper_step'), 2)} s per hyper step,"
+    f" {per_step(col('seconds_per_hyper_step'))} per hyper step,"
     f" {first['hyper_steps']} hyper steps"
   )
   skipped = ", ".join(str(r["skipped_hyper_steps"]) for r in runs) + " (per seed)"
@@ -126,7 +136,7 @@ def examples_table() -> str:
     ("CG 20", "cg_20"),
   ]
   cells = ", ".join(
-    f"{label} {inv[f'{key}_cosine']:.3g} / {inv[f'{key}_rel_error']:.2g}" for label, key in pairs
+    f"{label} {inv[f'{key}_cosine']:.3f} / {error(inv[f'{key}_rel_error'])}" for label, key in pairs
   )
   rows.append(
     "| Inverse-Hessian approximations | per-feature weight decay on diabetes; approximate"

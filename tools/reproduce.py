@@ -159,7 +159,16 @@ RUNS = [
   Run("accuracy", "benchmarks/accuracy.py", files={"accuracy.json": BENCHMARK, "accuracy.png": ()}),
   Run("scale", "benchmarks/scale.py", files={"scale.json": BENCHMARK, "scale.png": ()}),
   Run("rule_speed", "benchmarks/rule_speed.py", files={"stdout.txt": ()}),
-  Run("bilevel", "benchmarks/bilevel.py", files={"bilevel.json": BENCHMARK}),
+  *(
+    Run(
+      f"bilevel_{problem}",
+      "benchmarks/bilevel.py",
+      ("--problem", problem),
+      {f"bilevel_{problem}.json": BENCHMARK, f"bilevel_{problem}.png": ()},
+      ("--problem", problem),
+    )
+    for problem in ("quadratic", "logreg", "cleaning")
+  ),
 ]
 
 
