@@ -159,6 +159,11 @@ RUNS = [
   Run("accuracy", "benchmarks/accuracy.py", files={"accuracy.json": BENCHMARK, "accuracy.png": ()}),
   Run("scale", "benchmarks/scale.py", files={"scale.json": BENCHMARK, "scale.png": ()}),
   Run("rule_speed", "benchmarks/rule_speed.py", files={"stdout.txt": ()}),
+  Run(
+    "end_to_end",
+    "benchmarks/end_to_end.py",
+    files={"end_to_end.json": BENCHMARK, "end_to_end.png": ()},
+  ),
   *(
     Run(
       f"bilevel_{problem}",
