@@ -262,12 +262,12 @@ def scale_line() -> str:
   big = [r for r in scale if r["hyperparameters"] >= 10**6] or scale
   per_hparam = statistics.median(r["xla_total_bytes"] / r["hyperparameters"] for r in big)
   sizes = ", ".join(
-    f"{r['hyperparameters']:,} in {seconds(r['seconds'])}"
+    f"{r['hyperparameters']:,} hyperparameters in {seconds(r['seconds'])}"
     f" ({r['seconds'] / r['gradient_seconds']:.0f} gradients' time)"
     for r in big
   )
   return (
-    f"- **Scale** (`python benchmarks/scale.py`): per hypergradient, {sizes} hyperparameters;"
+    f"- **Scale** (`python benchmarks/scale.py`): one hypergradient of {sizes};"
     f" XLA's memory analysis about {per_hparam:.0f} bytes per hyperparameter."
   )
 
