@@ -35,7 +35,9 @@ class Run:
   """One published result: `script` run with `args` (its `--quick` run adds `quick_args`).
 
   `files` maps each file the run must write to the keys it must hold (JSON) or to () (a figure;
-  for a JSON list of records, the keys of its last record).
+  for a JSON list of records, the keys of its last record). `published` is False for a run
+  whose results have not been generated and committed yet (the tests then do not ask for
+  them); set it once `python -m tools.reproduce --only NAME` has written them.
   """
 
   name: str
@@ -43,6 +45,7 @@ class Run:
   args: tuple[str, ...] = ()
   files: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
   quick_args: tuple[str, ...] = ()
+  published: bool = True
 
 
 OVERFIT = {
@@ -171,6 +174,7 @@ RUNS = [
       ("--problem", problem),
       {f"bilevel_{problem}.json": BENCHMARK, f"bilevel_{problem}.png": ()},
       ("--problem", problem),
+      published=False,  # benchmarks/bilevel.py landed after the last full regeneration
     )
     for problem in ("quadratic", "logreg", "cleaning")
   ),
