@@ -4,7 +4,7 @@ The problem is `examples/overfit_validation.py`'s default: an MLP (two hidden la
 100) on digits with 50 training and 50 validation images, one weight decay per weight
 and bias, ten full-batch Adam steps per hyper step, one Adam step on the log-decays
 (`ih.bilevel`, ``hparam_transform="exp"``). `make_losses`, `parse_args` (for the
-defaults), `TRAIN_SIZE`, `VALIDATION_SIZE` and `DEPTH` are imported from the example;
+defaults), `TRAIN_SIZE`, `VALIDATION_SIZE` and the depth (`DEPTHS`) come from the example;
 its data and model setup lives inside its `main()`, so it is repeated here with the
 same `ih_examples` helpers (`datasets.load_dataset`, `splits.train_validation_test`,
 `models.MLP`) and the same seed. One difference: the example's default Neumann series
@@ -130,7 +130,7 @@ def main(argv=None):
     data, example.TRAIN_SIZE, example.VALIDATION_SIZE, seed=args.seed
   )
   train, validation, test = jax.device_put((train, validation, test))
-  model = models.MLP(hidden=(width,) * example.DEPTH, outputs=data.num_classes)
+  model = models.MLP(hidden=(width,) * ex.depth, outputs=data.num_classes)
   params = model.init(jax.random.key(args.seed), train[0][:1])["params"]
   log_decay = jax.tree.map(lambda w: jnp.full_like(w, np.log(ex.init_decay)), params)
   num_hyperparams = sum(leaf.size for leaf in jax.tree.leaves(log_decay))
@@ -253,7 +253,7 @@ def main(argv=None):
     "config": {
       "hyper_steps": args.hyper_steps,
       "width": width,
-      "depth": example.DEPTH,
+      "depth": ex.depth,
       "inner_steps": ex.inner_steps,
       "inner_lr": ex.inner_lr,
       "outer_lr": ex.outer_lr,
