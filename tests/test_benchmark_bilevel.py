@@ -50,7 +50,7 @@ def test_every_method_runs_every_seed_on_the_same_budget(results, name):
       assert evaluations[0] == 0 and evaluations == sorted(evaluations)
       assert seconds == sorted(seconds)
       assert 0.8 * budget <= evaluations[-1] <= 1.25 * budget, method
-    assert payload["summary"][method]["skipped_hyper_steps"] == [0] * len(seeds), method
+    assert payload["results"][method]["skipped_hyper_steps"] == [0] * len(seeds), method
 
 
 def test_every_method_moves_towards_the_known_solution_of_the_quadratic_problem(results):
