@@ -1,6 +1,6 @@
 """Bilevel quickstart: one weight decay per pixel for logistic regression on digits.
 
-The README's loop example as a script: `ih.bilevel` alternates 10 SGD steps on the
+The online loop of docs/concepts/online-loop.md as a script: `ih.bilevel` alternates 10 SGD steps on the
 weights with one Adam step on the log weight decays (hypergradient by a Neumann series,
 Lorraine et al. 2020, Algorithm 1), and `ih.fit` runs it with a progress bar, a metric
 history (metrics.json) and resumable checkpoints in --out. Stop it and start it again:
