@@ -1,9 +1,9 @@
 """Bilevel quickstart: one weight decay per pixel for logistic regression on digits.
 
-The online loop of docs/concepts/online-loop.md as a script: `ih.bilevel` alternates 10 SGD steps on the
-weights with one Adam step on the log weight decays (hypergradient by a Neumann series,
-Lorraine et al. 2020, Algorithm 1), and `ih.fit` runs it with a progress bar, a metric
-history (metrics.json) and resumable checkpoints in --out. Stop it and start it again:
+The online loop of docs/concepts/online-loop.md as a script: `ih.bilevel` alternates
+10 SGD steps on the weights with one Adam step on the log weight decays (hypergradient by a
+Neumann series, Lorraine et al. 2020, Algorithm 1), and `ih.fit` runs it with a progress
+bar, a metric history (metrics.json) and resumable checkpoints in --out. Stop it and start it again:
 it resumes from the last checkpoint.
 
   python examples/bilevel_quickstart.py [--quick] [--out DIR]
