@@ -1,6 +1,7 @@
 """The alternating loop of Lorraine et al. 2020 (Algorithm 1) as optax-style pure functions."""
 
 from collections.abc import Callable
+from collections.abc import Sequence
 from typing import Any
 from typing import NamedTuple
 
@@ -15,6 +16,9 @@ from implicit_hyper._src import validation
 from implicit_hyper._src.describe import describe
 from implicit_hyper._src.hypergrad import hypergrad_with_info
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import Solver
 from implicit_hyper._src.solvers.neumann import Neumann
 
 METHODS = ("implicit", "unrolled")
@@ -77,22 +81,22 @@ class Bilevel(NamedTuple):
       checkpoint written under other settings).
   """
 
-  init: Callable
-  step: Callable
-  constrain: Callable
-  config: dict
+  init: Callable[[PyTree, PyTree], BilevelState]
+  step: Callable[[BilevelState, Sequence[Any], Sequence[Any]], tuple[BilevelState, BilevelMetrics]]
+  constrain: Callable[[PyTree], PyTree]
+  config: dict[str, Any]
 
 
 def bilevel(
-  inner_loss,
-  outer_loss,
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
   inner_optimizer: optax.GradientTransformation,
   outer_optimizer: optax.GradientTransformation,
   *,
   inner_steps: int = 1,
-  solver=None,
+  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
   method: str = "implicit",
-  hparam_transform=None,
+  hparam_transform: Any = None,
   optimizer_hparams: tuple[str, ...] = (),
   unroll_steps: int | None = None,
 ) -> Bilevel:
@@ -165,7 +169,7 @@ def bilevel(
   """
   call = "bilevel"
   _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps)
-  solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
+  linear_solver: Solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
   for name, opt in (("inner_optimizer", inner_optimizer), ("outer_optimizer", outer_optimizer)):
     if not (callable(getattr(opt, "init", None)) and callable(getattr(opt, "update", None))):
       raise TypeError(f"`{call}({name}=...)` must be an optax.GradientTransformation, got {opt!r}")
@@ -173,20 +177,20 @@ def bilevel(
   unroll = 0 if implicit and not optimizer_hparams else (unroll_steps or inner_steps)
   constrain = transforms.hparam_transformation(hparam_transform)
 
-  def split(hparams):
+  def split(hparams: PyTree) -> tuple[PyTree, dict[str, Any]]:
     """Constrained hparams -> (what the losses see, the optimiser's hyperparameters)."""
     if not optimizer_hparams:
       return hparams, {}
     rest = {k: v for k, v in hparams.items() if k not in optimizer_hparams}
     return rest, {k: hparams[k] for k in optimizer_hparams}
 
-  def inner_of_raw(params, raw, *args):
+  def inner_of_raw(params: PyTree, raw: PyTree, *args: Any) -> Any:
     return inner_loss(params, split(constrain(raw))[0], *args)
 
-  def outer_of_raw(params, raw, *args):
+  def outer_of_raw(params: PyTree, raw: PyTree, *args: Any) -> Any:
     return outer_loss(params, split(constrain(raw))[0], *args)
 
-  def init(params, hparams) -> BilevelState:
+  def init(params: PyTree, hparams: PyTree) -> BilevelState:
     params, hparams = _strongly_typed(params), _strongly_typed(hparams)
     validation.check_float_tree(call, "hparams", hparams)
     if optimizer_hparams and not (
@@ -209,12 +213,14 @@ def bilevel(
       hparams=hparams,
       inner_opt_state=inner_state,
       outer_opt_state=outer_optimizer.init(hparams),
-      solver_state=solver.init(params) if implicit else None,
+      solver_state=linear_solver.init(params) if implicit else None,
       step=jnp.zeros((), jnp.int32),
       num_skipped=jnp.zeros((), jnp.int32),
     )
 
-  def step(state: BilevelState, inner_args, outer_args):
+  def step(
+    state: BilevelState, inner_args: Sequence[Any], outer_args: Sequence[Any]
+  ) -> tuple[BilevelState, BilevelMetrics]:
     _check_args(call, inner_args, outer_args, inner_steps)
     raw = state.hparams
     loss_hparams, opt_hparams = split(constrain(raw))
@@ -238,7 +244,7 @@ def bilevel(
         inner_loss, outer_loss, inner_optimizer, params, opt_state, tail, outer_args, length=unroll
       )
 
-      def unrolled_of_raw(raw):
+      def unrolled_of_raw(raw: PyTree) -> tuple[Any, Any]:
         loss_hparams, opt_hparams = split(constrain(raw))
         if implicit:  # The implicit hypergradient below covers the loss hyperparameters.
           loss_hparams = jax.lax.stop_gradient(loss_hparams)
@@ -261,14 +267,14 @@ def bilevel(
         raw,
         inner_args=last_args,
         outer_args=tuple(outer_args),
-        solver=solver,
+        solver=linear_solver,
         solver_state=state.solver_state,
       )
       grads = otu.tree_add(grads, implicit_grads)
     skipped = info.diverged | ~_base.tree_all_finite(grads)
     updates, outer_state = outer_optimizer.update(grads, state.outer_opt_state, raw)
     # A skipped step may come from what the solver kept (a stale step size): start afresh.
-    fresh = solver.init(params) if implicit else None
+    fresh = linear_solver.init(params) if implicit else None
     hparams, outer_state, solver_state = otu.tree_where(
       skipped,
       (raw, state.outer_opt_state, fresh),
@@ -292,7 +298,7 @@ def bilevel(
   config = {
     "inner_steps": inner_steps,
     "method": method,
-    "solver": repr(solver),
+    "solver": repr(linear_solver),
     "hparam_transform": repr(hparam_transform),
     "optimizer_hparams": list(optimizer_hparams),
     "unroll_steps": unroll_steps,
@@ -302,7 +308,9 @@ def bilevel(
   return Bilevel(init, step, constrain, config)
 
 
-def _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps):
+def _check_settings(
+  call: str, inner_steps: int, method: str, optimizer_hparams: object, unroll_steps: object
+) -> None:
   """Validates `bilevel`'s static settings."""
   _base.check_int(call, "inner_steps", inner_steps, minimum=1)
   if method not in METHODS:
@@ -326,7 +334,9 @@ def _check_settings(call, inner_steps, method, optimizer_hparams, unroll_steps):
       )
 
 
-def _check_args(call, inner_args, outer_args, inner_steps):
+def _check_args(
+  call: str, inner_args: Sequence[Any], outer_args: Sequence[Any], inner_steps: int
+) -> None:
   """Raises unless both are tuples and `inner_args` leaves lead with `inner_steps`."""
   validation.check_args_tuple("bilevel.step", "inner_args", inner_args)
   validation.check_args_tuple("bilevel.step", "outer_args", outer_args)
@@ -339,6 +349,6 @@ def _check_args(call, inner_args, outer_args, inner_steps):
       )
 
 
-def _strongly_typed(tree):
+def _strongly_typed(tree: PyTree) -> PyTree:
   """Arrays with fixed dtypes, so that the jitted step sees the same types every call."""
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)

@@ -7,8 +7,12 @@ import os
 import re
 import stat
 import tempfile
+from collections.abc import Iterable
+from collections.abc import Iterator
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +29,14 @@ class _CorruptCheckpointError(ValueError):
   """A checkpoint file that cannot be trusted: damaged, truncated or of another format."""
 
 
-def save_checkpoint(directory, state, history=(), *, config=None, keep: int = 2) -> Path:
+def save_checkpoint(
+  directory: str | os.PathLike[str],
+  state: Any,
+  history: Iterable[Any] = (),
+  *,
+  config: dict[str, Any] | None = None,
+  keep: int = 2,
+) -> Path:
   """Writes `state` atomically to ``directory/ckpt_<state.step>.msgpack``.
 
   The file is written to a temporary file beside it, synced and renamed, so a crash
@@ -61,24 +72,26 @@ def save_checkpoint(directory, state, history=(), *, config=None, keep: int = 2)
   if step is None or np.ndim(step) != 0:
     raise TypeError("`save_checkpoint(state=...)` must have a scalar `step` entry or attribute.")
   leaves = {}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
-    leaves[jax.tree_util.keystr(path)] = _to_numpy("save_checkpoint", path, leaf)
+  for key_path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
+    leaves[jax.tree_util.keystr(key_path)] = _to_numpy("save_checkpoint", key_path, leaf)
   payload = {
     "leaves": leaves,
     "history": json.dumps(list(history)),  # Python's JSON round-trips floats and NaN exactly.
     "config": None if config is None else _canonical_config(config),
   }
   body = _serialization().msgpack_serialize(payload)
-  directory = Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  path = directory / f"ckpt_{int(step):08d}.msgpack"
+  folder = Path(directory)
+  folder.mkdir(parents=True, exist_ok=True)
+  path = folder / f"ckpt_{int(step):08d}.msgpack"
   _atomic_write(path, MAGIC + hashlib.sha256(body).digest() + body)
-  for old in _checkpoints(directory)[keep:]:
+  for old in _checkpoints(folder)[keep:]:
     old.unlink(missing_ok=True)
   return path
 
 
-def load_checkpoint(path, like, *, config=None):
+def load_checkpoint(
+  path: str | os.PathLike[str], like: Any, *, config: dict[str, Any] | None = None
+) -> tuple[Any, list[Any]]:
   """Reads a checkpoint written by `save_checkpoint`; returns ``(state, history)``.
 
   Args:
@@ -120,7 +133,7 @@ def load_checkpoint(path, like, *, config=None):
   return jax.tree.unflatten(treedef, restored), json.loads(payload["history"])
 
 
-def latest_checkpoint(directory):
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
   """The path of the highest-step ``ckpt_<step>.msgpack`` regular file in `directory`, or None.
 
   Directories, FIFOs and other non-regular files named like checkpoints are ignored; the
@@ -146,7 +159,7 @@ def _checkpoints(directory: Path) -> list[Path]:
   return [p for _, p in sorted(found, reverse=True) if p.is_file()]
 
 
-def _read_payload(path: Path) -> dict:
+def _read_payload(path: Path) -> dict[str, Any]:
   """The checked payload of a checkpoint; `_CorruptCheckpointError` if it cannot be trusted."""
   # O_NONBLOCK: opening a FIFO for reading must not wait for a writer.
   fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
@@ -173,7 +186,7 @@ def _read_payload(path: Path) -> dict:
   raise _CorruptCheckpointError(f"Checkpoint {path} has an unknown layout. {_HINT}")
 
 
-def _to_numpy(call, path, leaf):
+def _to_numpy(call: str, path: tuple[Any, ...], leaf: Any) -> np.ndarray:
   """A leaf as a numpy array that msgpack can store; typed PRNG keys as their key data."""
   if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     leaf = jax.device_get(jax.random.key_data(leaf))
@@ -186,7 +199,7 @@ def _to_numpy(call, path, leaf):
   return array
 
 
-def _from_numpy(path, name, value, like):
+def _from_numpy(path: Path, name: str, value: Any, like: Any) -> Any:
   """`value` checked against the leaf `like` and given its type (and sharding)."""
   expected = _spec(like)
   value = np.asarray(value)
@@ -207,7 +220,7 @@ def _from_numpy(path, name, value, like):
   return value.item()  # a Python scalar
 
 
-def _spec(leaf):
+def _spec(leaf: Any) -> jax.ShapeDtypeStruct:
   """The shape and dtype `_to_numpy` gives `leaf`, without copying it to the host."""
   if isinstance(leaf, jax.Array) and jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
     return jax.eval_shape(jax.random.key_data, leaf)
@@ -215,7 +228,7 @@ def _spec(leaf):
   return jax.ShapeDtypeStruct(np.shape(leaf), dtype)
 
 
-def _canonical_config(config) -> str:
+def _canonical_config(config: object) -> str:
   """`config` as canonical JSON text: equal settings give equal text."""
   try:
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
@@ -225,7 +238,7 @@ def _canonical_config(config) -> str:
     ) from err
 
 
-def _config_diff(saved: str, config) -> str:
+def _config_diff(saved: str, config: object) -> str:
   """The settings that differ, as ``key: saved -> now`` (a few of them)."""
   old, new = (
     _flat_settings(json.loads(saved)),
@@ -237,7 +250,7 @@ def _config_diff(saved: str, config) -> str:
   return ", ".join(f"{k or '(config)'}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:5])
 
 
-def _flat_settings(config, prefix=""):
+def _flat_settings(config: object, prefix: str = "") -> dict[str, Any]:
   if isinstance(config, dict) and config:
     return {
       k: v for key in config for k, v in _flat_settings(config[key], f"{prefix}{key}.").items()
@@ -266,7 +279,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 @contextlib.contextmanager
-def _exclusive(directory: Path, call: str):
+def _exclusive(directory: Path, call: str) -> Iterator[None]:
   """Holds an exclusive lock on `directory` (created if needed), cleaning crash leftovers."""
   try:
     import fcntl
@@ -294,7 +307,7 @@ def _exclusive(directory: Path, call: str):
     os.close(fd)  # Closing releases the lock.
 
 
-def _serialization():
+def _serialization() -> ModuleType:
   try:
     from flax import serialization
   except ImportError as err:

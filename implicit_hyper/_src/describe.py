@@ -5,7 +5,7 @@ import numbers
 MAX_DEPTH = 8
 
 
-def describe(obj, depth: int = 0) -> str:
+def describe(obj: object, depth: int = 0) -> str:
   """The factory names and scalar settings found in `obj` and the closures it holds.
 
   optax keeps an optimiser's settings (a learning rate, Adam's betas) in the closures of

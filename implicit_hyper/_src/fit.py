@@ -6,8 +6,15 @@ import functools
 import io
 import json
 import math
+import os
 import warnings
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+from typing import TypeGuard
 
 import jax
 import numpy as np
@@ -22,20 +29,21 @@ RESUME_MODES = ("auto", "force")
 
 
 def fit(
-  loop,
-  state,
-  data,
+  loop: Any,
+  state: Any,
+  data: Callable[[int], tuple[Sequence[Any], Sequence[Any]]]
+  | Iterable[tuple[Sequence[Any], Sequence[Any]]],
   *,
   num_steps: int,
-  checkpoint_dir=None,
+  checkpoint_dir: str | os.PathLike[str] | None = None,
   checkpoint_every: int = 100,
   keep_checkpoints: int = 2,
-  metrics_path=None,
+  metrics_path: str | os.PathLike[str] | None = None,
   progress: bool = True,
-  callback=None,
+  callback: Callable[[int, Any], dict[str, Any] | None] | None = None,
   resume: str = "auto",
   warn_after_skips: int | None = 10,
-):
+) -> tuple[Any, list[dict[str, Any]]]:
   """Runs ``loop.step`` (jit-compiled) until ``state.step == num_steps``, resumably.
 
   On start, the newest good checkpoint in `checkpoint_dir` (if any) replaces `state` and
@@ -111,7 +119,8 @@ def fit(
   config = getattr(loop, "config", None)
   if config is not None:
     checkpoint._canonical_config(config)  # Refuse settings that cannot be saved, now.
-  history, source, directory = [], "the `state` given", None
+  history: list[dict[str, Any]] = []
+  source, directory = "the `state` given", None
   if checkpoint_dir is not None:
     directory = _make_directory("checkpoint_dir", Path(checkpoint_dir))
   with checkpoint._exclusive(directory, "fit") if directory else contextlib.nullcontext():
@@ -136,7 +145,7 @@ def fit(
     warned = False
     bar = _progress_bar(progress, start, num_steps)
 
-    def flush(pending):
+    def flush(pending: tuple[Any, ...]) -> None:
       nonlocal streak, warned
       history.append(_record(*pending))
       streak, warned = (streak + 1, warned) if history[-1].get("skipped") else (0, False)
@@ -152,7 +161,7 @@ def fit(
         )
       _show(bar, history[-1], streak, warn_after_skips)
 
-    def save():
+    def save() -> None:
       if directory is not None:
         save_checkpoint(directory, state, history, config=config, keep=keep_checkpoints)
       if metrics_path is not None:
@@ -184,7 +193,9 @@ def fit(
   return state, history
 
 
-def bilevel_batches(train, valid, *, inner_steps: int):
+def bilevel_batches(
+  train: Iterable[Sequence[Any]], valid: Iterable[Sequence[Any]], *, inner_steps: int
+) -> Iterator[tuple[Any, Sequence[Any]]]:
   """Pairs two iterables of argument tuples into `fit`'s ``(inner_args, outer_args)`` items.
 
   Each item stacks the next `inner_steps` training tuples leaf by leaf along a new
@@ -218,7 +229,14 @@ def bilevel_batches(train, valid, *, inner_steps: int):
     yield jax.tree.map(lambda *leaves: np.stack(leaves), *inner), outer
 
 
-def _check_arguments(loop, data, num_steps, checkpoint_every, keep_checkpoints, warn_after_skips):
+def _check_arguments(
+  loop: object,
+  data: object,
+  num_steps: object,
+  checkpoint_every: object,
+  keep_checkpoints: object,
+  warn_after_skips: object,
+) -> None:
   if not all(callable(getattr(loop, name, None)) for name in ("step", "constrain")):
     raise TypeError(f"`fit(loop=...)` must be an `ih.bilevel` loop, got {loop!r}.")
   if not callable(data) and not hasattr(data, "__iter__"):
@@ -235,11 +253,11 @@ def _check_arguments(loop, data, num_steps, checkpoint_every, keep_checkpoints, 
       raise ValueError(f"`fit({name}=...)` must be an int >= {least}, got {value!r}.")
 
 
-def _is_int(value):
+def _is_int(value: object) -> TypeGuard[int | np.integer]:
   return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
-def _make_directory(argument, directory: Path) -> Path:
+def _make_directory(argument: str, directory: Path) -> Path:
   if directory.exists() and not directory.is_dir():
     raise ValueError(f"`fit({argument}=...)`: {directory} exists and is not a directory.")
   try:
@@ -249,7 +267,9 @@ def _make_directory(argument, directory: Path) -> Path:
   return directory
 
 
-def _resume(directory, like, config):
+def _resume(
+  directory: Path, like: Any, config: dict[str, Any] | None
+) -> tuple[Any, list[dict[str, Any]], str]:
   """The newest good checkpoint's ``(state, history, description)``, else `like`'s."""
   corrupt = []
   for path in checkpoint._checkpoints(directory):
@@ -258,10 +278,10 @@ def _resume(directory, like, config):
     except checkpoint._CorruptCheckpointError as err:
       corrupt.append((path, err))
       continue
-    for bad, err in corrupt:  # type: ignore[misc]
+    for bad, reason in corrupt:
       aside = bad.replace(bad.with_name(bad.name + ".corrupt"))
       warnings.warn(
-        f"`fit`: {err} Renamed it {aside.name}; resuming from {path.name}.", stacklevel=3
+        f"`fit`: {reason} Renamed it {aside.name}; resuming from {path.name}.", stacklevel=3
       )
     return state, history, f"the checkpoint {path}"
   if corrupt:
@@ -269,7 +289,12 @@ def _resume(directory, like, config):
   return like, [], "the `state` given"
 
 
-def _replay(data, start, source):
+def _replay(
+  data: Callable[[int], tuple[Sequence[Any], Sequence[Any]]]
+  | Iterable[tuple[Sequence[Any], Sequence[Any]]],
+  start: int,
+  source: str,
+) -> Callable[[int], tuple[Sequence[Any], Sequence[Any]]]:
   """`data` as a function of the hyper step, fast-forwarding an iterable to `start`."""
   if callable(data):
     return data
@@ -287,17 +312,21 @@ def _replay(data, start, source):
 
 
 @functools.lru_cache(maxsize=8)
-def _compiled_step(step, constrain):
+def _compiled_step(
+  step: Callable[..., tuple[Any, Any]], constrain: Callable[[Any], Any]
+) -> Callable[..., tuple[Any, Any, Any]]:
   """``step`` that also returns the constrained hparams, jitted once per loop."""
 
-  def step_and_hparams(state, inner_args, outer_args):
+  def step_and_hparams(
+    state: Any, inner_args: Sequence[Any], outer_args: Sequence[Any]
+  ) -> tuple[Any, Any, Any]:
     state, metrics = step(state, inner_args, outer_args)
     return state, metrics, constrain(state.hparams)
 
   return jax.jit(step_and_hparams)
 
 
-def _record(step, metrics, hparams, extra):
+def _record(step: int, metrics: Any, hparams: Any, extra: dict[str, Any] | None) -> dict[str, Any]:
   """One history entry of Python scalars (exactly representable, so resumption is exact)."""
   if extra is not None and not isinstance(extra, dict):
     raise TypeError(f"`fit(callback=...)` must return a dict or None, got {extra!r:.80}.")
@@ -318,7 +347,7 @@ def _record(step, metrics, hparams, extra):
   return record
 
 
-def _progress_bar(progress, start, num_steps):
+def _progress_bar(progress: bool, start: int, num_steps: int) -> Any:
   if not progress:
     return None
   from tqdm.auto import tqdm
@@ -326,7 +355,7 @@ def _progress_bar(progress, start, num_steps):
   return tqdm(total=num_steps, initial=start, desc="bilevel", unit="step")
 
 
-def _show(bar, record, streak, warn_after_skips):
+def _show(bar: Any, record: dict[str, Any], streak: int, warn_after_skips: int | None) -> None:
   if bar is None:
     return
   shown = ("inner_loss", "outer_loss", "hypergrad_norm", "num_skipped")
@@ -336,7 +365,7 @@ def _show(bar, record, streak, warn_after_skips):
   bar.update(1)
 
 
-def _write_metrics(path: Path, history) -> None:
+def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:
   """Writes the history atomically as strict JSON (a list of records) or CSV, by suffix."""
   if path.suffix == ".json":
     finite = [{k: _finite_or_none(v) for k, v in record.items()} for record in history]
@@ -351,5 +380,5 @@ def _write_metrics(path: Path, history) -> None:
   checkpoint._atomic_write(path, text.encode())
 
 
-def _finite_or_none(value):
+def _finite_or_none(value: Any) -> Any:
   return None if isinstance(value, float) and not math.isfinite(value) else value

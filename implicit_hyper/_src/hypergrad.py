@@ -1,5 +1,9 @@
 """The hypergradient at a given (approximate) inner solution."""
 
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import optax.tree_utils as otu
 
@@ -7,20 +11,24 @@ from implicit_hyper._src import operators
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
+from implicit_hyper._src.solvers._base import Solver
 from implicit_hyper._src.solvers.neumann import Neumann
 
 
 def hypergrad(
-  inner_loss,
-  outer_loss,
-  params,
-  hparams,
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
+  params: PyTree,
+  hparams: PyTree,
   *,
-  inner_args=(),
-  outer_args=(),
-  solver=None,
-  on_failure="warn",
-):
+  inner_args: Sequence[Any] = (),
+  outer_args: Sequence[Any] = (),
+  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  on_failure: str = "warn",
+) -> PyTree:
   r"""The hypergradient of ``outer_loss`` at an approximate inner optimum ``params``.
 
   By the implicit function theorem (Lorraine et al. 2020, eq. 2),
@@ -81,16 +89,16 @@ def hypergrad(
 
 
 def hypergrad_with_info(
-  inner_loss,
-  outer_loss,
-  params,
-  hparams,
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
+  params: PyTree,
+  hparams: PyTree,
   *,
-  inner_args=(),
-  outer_args=(),
-  solver=None,
-  solver_state=None,
-):
+  inner_args: Sequence[Any] = (),
+  outer_args: Sequence[Any] = (),
+  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  solver_state: Any = None,
+) -> tuple[PyTree, SolveInfo, Any]:
   """`hypergrad` that also returns the solve's `SolveInfo` and the solver's new state.
 
   The adjoint system ``H u = dL_V/d params`` is solved with `solver` from
@@ -105,7 +113,7 @@ def hypergrad_with_info(
     hypergradient.
   """
   call = "hypergrad"
-  solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
+  linear_solver: Solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
   validation.check_float_tree(call, "hparams", hparams)
   validation.check_float_tree(call, "params", params)
   validation.check_args_tuple(call, "inner_args", inner_args)
@@ -115,7 +123,7 @@ def hypergrad_with_info(
 
   grad_params, grad_hparams = jax.grad(outer_loss, argnums=(0, 1))(params, hparams, *outer_args)
   matvec = operators.hessian_vector_product(inner_loss, params, hparams, inner_args)
-  u, info, solver_state = solver.solve(matvec, grad_params, solver_state)
+  u, info, solver_state = linear_solver.solve(matvec, grad_params, solver_state)
   indirect = operators.hparams_vjp(jax.grad(inner_loss), params, hparams, inner_args)(u)
   grads = otu.tree_sub(grad_hparams, indirect)
   info = info._replace(diverged=info.diverged | ~_base.tree_all_finite(grads))

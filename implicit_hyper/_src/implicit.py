@@ -1,6 +1,8 @@
 """`implicit_argmin`, `implicit_root`, `implicit_fixed_point`: decorators for inner solvers."""
 
 import functools
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import optax.tree_utils as otu
@@ -9,20 +11,23 @@ from implicit_hyper._src import rule
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import Solver
 from implicit_hyper._src.solvers.bicgstab import BiCGStab
 from implicit_hyper._src.solvers.neumann import Neumann
 from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
 
 
 def implicit_argmin(
-  inner_loss,
+  inner_loss: Callable[..., Any],
   *,
-  solver=None,
-  has_aux=False,
-  on_failure="warn",
-  tol=None,
-  stationarity_tol=trust.DEFAULT_STATIONARITY_TOL,
-):
+  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  has_aux: bool = False,
+  on_failure: str = "warn",
+  tol: float | None = None,
+  stationarity_tol: float | None = trust.DEFAULT_STATIONARITY_TOL,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   r"""Decorates an inner solver so that its derivatives come from the implicit function theorem.
 
   The decorated ``solve(init_params, hparams, *args, **kwargs)`` returns (approximately)
@@ -80,10 +85,10 @@ def implicit_argmin(
   _check_callable(call, "inner_loss", inner_loss)
   solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
 
-  def condition(params, hparams, *args, **kwargs):
+  def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
     return jax.grad(inner_loss)(params, hparams, *args, **kwargs)
 
-  def check(params, hparams, args, kwargs):
+  def check(params: PyTree, hparams: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     validation.check_scalar_loss(call, "inner_loss", inner_loss, params, hparams, *args, **kwargs)
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
@@ -91,15 +96,15 @@ def implicit_argmin(
 
 
 def implicit_root(
-  optimality_fn,
+  optimality_fn: Callable[..., PyTree],
   *,
-  solver=None,
-  has_aux=False,
-  symmetric=False,
-  on_failure="warn",
-  tol=None,
-  stationarity_tol=trust.DEFAULT_STATIONARITY_TOL,
-):
+  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  has_aux: bool = False,
+  symmetric: bool = False,
+  on_failure: str = "warn",
+  tol: float | None = None,
+  stationarity_tol: float | None = trust.DEFAULT_STATIONARITY_TOL,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   r"""Decorates a solver of ``optimality_fn(params, hparams, *args) = 0`` with implicit derivatives.
 
   For a root ``theta*`` of F (a KKT system, a stationarity condition),
@@ -143,7 +148,7 @@ def implicit_root(
   _check_callable(call, "optimality_fn", optimality_fn)
   solver = _base.as_solver(call, solver, BiCGStab(), symmetric=symmetric)
 
-  def check(params, hparams, args, kwargs):
+  def check(params: PyTree, hparams: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     out = jax.eval_shape(optimality_fn, params, hparams, *args, **kwargs)
     validation.check_same_structure(call, "the output of `optimality_fn`", out, params, "params")
 
@@ -152,14 +157,14 @@ def implicit_root(
 
 
 def implicit_fixed_point(
-  fixed_point_fn,
+  fixed_point_fn: Callable[..., PyTree],
   *,
-  solver=None,
-  has_aux=False,
-  on_failure="warn",
-  tol=None,
-  stationarity_tol=trust.DEFAULT_STATIONARITY_TOL,
-):
+  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  has_aux: bool = False,
+  on_failure: str = "warn",
+  tol: float | None = None,
+  stationarity_tol: float | None = trust.DEFAULT_STATIONARITY_TOL,
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
   r"""Decorates a solver of ``theta = T(theta, hparams, *args)`` with implicit derivatives.
 
   With ``J = dT/dtheta`` at the fixed point,
@@ -202,10 +207,10 @@ def implicit_fixed_point(
   solver = _base.as_solver(call, solver, BiCGStab(), symmetric=True).for_fixed_point()
   _base.as_solver(call, solver, None, symmetric=False)
 
-  def condition(params, hparams, *args, **kwargs):
+  def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
     return otu.tree_sub(params, fixed_point_fn(params, hparams, *args, **kwargs))
 
-  def check(params, hparams, args, kwargs):
+  def check(params: PyTree, hparams: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     out = jax.eval_shape(fixed_point_fn, params, hparams, *args, **kwargs)
     validation.check_same_structure(call, "the output of `fixed_point_fn`", out, params, "params")
 
@@ -213,15 +218,23 @@ def implicit_fixed_point(
   return _decorator(call, condition, check, solver, False, has_aux, checks)
 
 
-def _check_callable(call, name, fn):
+def _check_callable(call: str, name: str, fn: object) -> None:
   if not callable(fn):
     raise TypeError(f"`{call}({name}=...)` must be callable, got {fn!r}.")
 
 
-def _decorator(call, condition, check, solver, symmetric, has_aux, checks):
+def _decorator(
+  call: str,
+  condition: Callable[..., PyTree],
+  check: Callable[[PyTree, PyTree, tuple[Any, ...], dict[str, Any]], None],
+  solver: Any,
+  symmetric: bool,
+  has_aux: bool,
+  checks: trust.Checks,
+) -> Callable[..., Callable[..., Any]]:
   """The decorator shared by the three forms; `condition` is the F whose root is solved."""
 
-  def decorator(inner_solver, *args, **kwargs):
+  def decorator(inner_solver: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
     if args or kwargs:
       raise TypeError(
         f"`{call}` was used as `@{call}` without arguments, so the inner solver was taken "
@@ -232,7 +245,7 @@ def _decorator(call, condition, check, solver, symmetric, has_aux, checks):
       raise TypeError(f"`{call}(...)` decorates a callable inner solver, got {inner_solver!r}.")
 
     @functools.wraps(inner_solver)
-    def wrapper(init_params, hparams, *args, **kwargs):
+    def wrapper(init_params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> Any:
       validation.check_float_tree(call, "hparams", hparams)
       validation.check_real_tree(call, "init_params", init_params)
       report = trust.reporter(call, checks)
@@ -249,7 +262,7 @@ def _decorator(call, condition, check, solver, symmetric, has_aux, checks):
       leaves, treedef = jax.tree.flatten((args, kwargs))
       arrays = [x for x in leaves if rule.is_array(x)]
 
-      def condition_of_arrays(p, h, *values):
+      def condition_of_arrays(p: PyTree, h: PyTree, *values: Any) -> PyTree:
         it = iter(values)
         a, kw = jax.tree.unflatten(treedef, [next(it) if rule.is_array(x) else x for x in leaves])
         return condition(p, h, *a, **kw)

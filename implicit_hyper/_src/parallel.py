@@ -1,10 +1,14 @@
 """Helpers for data parallelism with `jax.pmap`."""
 
+from collections.abc import Hashable
+
 import jax
 from jax import lax
 
+from implicit_hyper._src.solvers._base import PyTree
 
-def pmean_gradient(tree, axis_name):
+
+def pmean_gradient(tree: PyTree, axis_name: Hashable) -> PyTree:
   """The identity on `tree`, whose gradient is averaged over the mapped axis `axis_name`.
 
   Under `jax.pmap`, ``jax.grad`` of a ``lax.pmean``-averaged loss gives each device the
@@ -33,7 +37,7 @@ def pmean_gradient(tree, axis_name):
   """
 
   @jax.custom_vjp
-  def identity(tree):
+  def identity(tree: PyTree) -> PyTree:
     return tree
 
   identity.defvjp(lambda tree: (tree, None), lambda _, g: (lax.pmean(g, axis_name),))

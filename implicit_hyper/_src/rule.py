@@ -16,6 +16,9 @@ inner solver, whose output enters with its own derivative stopped.
 """
 
 import numbers
+from collections.abc import Callable
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,11 +27,22 @@ import optax.tree_utils as otu
 from jax.custom_derivatives import SymbolicZero
 
 from implicit_hyper._src import operators
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 def implicit_solution(
-  condition, params, hparams, args, *, solver, symmetric, report, init_params=None
-):
+  condition: Callable[..., PyTree],
+  params: PyTree,
+  hparams: PyTree,
+  args: Sequence[Any],
+  *,
+  solver: Any,
+  symmetric: bool,
+  report: Callable[[SolveInfo], None],
+  init_params: PyTree | None = None,
+) -> PyTree:
   """Returns `params` carrying the derivatives of the implicit function theorem.
 
   Args:
@@ -47,20 +61,23 @@ def implicit_solution(
   """
 
   @jax.custom_jvp
-  def solution(params, init_params, hparams, args):
+  def solution(
+    params: PyTree, init_params: PyTree, hparams: PyTree, args: tuple[Any, ...]
+  ) -> PyTree:
     return params
 
-  def solution_jvp(primals, tangents):
+  def solution_jvp(primals: tuple[Any, ...], tangents: tuple[Any, ...]) -> tuple[PyTree, PyTree]:
     params, init_params, hparams, args = primals
     _, _, hparams_dot, args_dot = tangents
     # The solution again through this rule, so that differentiating the rule itself
     # (second derivatives) sees theta* move with hparams by the theorem.
     params = solution(params, init_params, hparams, args)
     leaves, treedef = jax.tree.flatten((hparams, args))
-    dots = treedef.flatten_up_to((hparams_dot, args_dot))
+    # jaxlib ships no stub for its C++ `PyTreeDef`, so mypy does not know its methods.
+    dots = treedef.flatten_up_to((hparams_dot, args_dot))  # type: ignore[attr-defined]
     moving = [i for i, dot in enumerate(dots) if not isinstance(dot, SymbolicZero)]
 
-    def condition_of_moving(*values):
+    def condition_of_moving(*values: Any) -> PyTree:
       merged = list(leaves)
       for i, value in zip(moving, values, strict=True):
         merged[i] = value
@@ -78,7 +95,7 @@ def implicit_solution(
     matvec = operators.jacobian_product(condition, params, hparams, args)
     stationarity = relative_stationarity(condition, matvec, params, hparams, args, init_params)
 
-    def solve(matvec, b):
+    def solve(matvec: Matvec, b: PyTree) -> PyTree:
       x, info, _ = solver.solve(matvec, b)
       report(info._replace(stationarity=stationarity.astype(info.residual_norm.dtype)))
       return x
@@ -92,7 +109,7 @@ def implicit_solution(
   return solution(jax.lax.stop_gradient(params), init_params, hparams, tuple(args))
 
 
-def _zero_linear_in(dots):
+def _zero_linear_in(dots: PyTree) -> jax.Array | None:
   """A zero scalar that is linear in the first non-empty floating tangent, or None."""
   for dot in jax.tree.leaves(dots):
     if jnp.issubdtype(jnp.result_type(dot), jnp.inexact) and jnp.size(dot) > 0:
@@ -100,7 +117,14 @@ def _zero_linear_in(dots):
   return None
 
 
-def relative_stationarity(condition, matvec, params, hparams, args, init_params):
+def relative_stationarity(
+  condition: Callable[..., PyTree],
+  matvec: Matvec,
+  params: PyTree,
+  hparams: PyTree,
+  args: Sequence[Any],
+  init_params: PyTree | None,
+) -> jax.Array:
   """``||F(theta)|| / max(||A theta||, ||F(theta_0)||)`` (NaN without `init_params`)."""
   norm = lambda p: otu.tree_norm(condition(p, hparams, *args))
   if init_params is None:
@@ -109,19 +133,19 @@ def relative_stationarity(condition, matvec, params, hparams, args, init_params)
   return norm(params) / jnp.where(scale > 0, scale, 1.0)
 
 
-def is_array(x) -> bool:
+def is_array(x: object) -> bool:
   """Whether a leaf is an array (differentiable input) rather than a static setting."""
   return isinstance(x, (jax.Array, np.ndarray, np.generic)) or (
     isinstance(x, numbers.Number) and not isinstance(x, (bool, int))
   )
 
 
-def stop_gradient_arrays(tree):
+def stop_gradient_arrays(tree: PyTree) -> PyTree:
   """`jax.lax.stop_gradient` on the array leaves of `tree`; other leaves as they are."""
   return jax.tree.map(lambda x: jax.lax.stop_gradient(x) if is_array(x) else x, tree)
 
 
-def zero_like(x):
+def zero_like(x: Any) -> jax.Array | np.ndarray:
   """A zero of `x`'s dtype and shape (float0 for integer arrays)."""
   if jnp.issubdtype(jnp.result_type(x), jnp.inexact):
     return jnp.zeros_like(x)

@@ -4,6 +4,7 @@ They give the automatic Neumann step size and its safety check (`ih.Neumann`).
 """
 
 from typing import NamedTuple
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,8 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
 
 METHODS = ("power", "lanczos")
 
@@ -38,7 +41,15 @@ class RitzValues(NamedTuple):
   num_steps: jax.Array
 
 
-def lanczos(matvec, like, *, steps: int = 10, key=None) -> RitzValues:
+# A Lanczos step's carry: (j, v, v_prev, beta_prev, alphas, betas, scale, done).
+_Carry: TypeAlias = tuple[
+  jax.Array, PyTree, PyTree, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array
+]
+
+
+def lanczos(
+  matvec: Matvec, like: PyTree, *, steps: int = 10, key: jax.Array | None = None
+) -> RitzValues:
   r"""Extreme eigenvalues of a symmetric linear operator by `steps` Lanczos steps.
 
   The three-term recurrence ``beta_{j+1} v_{j+1} = A v_j - alpha_j v_j - beta_j v_{j-1}``
@@ -85,11 +96,11 @@ def lanczos(matvec, like, *, steps: int = 10, key=None) -> RitzValues:
   # Below this fraction of |T| a new basis vector is round-off: the space is invariant.
   invariant = jnp.sqrt(jnp.finfo(dtype).eps)
 
-  def keep_going(carry):
+  def keep_going(carry: _Carry) -> jax.Array:
     j, done = carry[0], carry[-1]
     return (j < steps) & ~done
 
-  def step(carry):
+  def step(carry: _Carry) -> _Carry:
     j, v, v_prev, beta_prev, alphas, betas, scale, _ = carry
     # Paige's ordering (his A(2)): alpha from A v - beta v_prev, the most stable one.
     w = _vectors.add_scaled(matvec(v), -beta_prev, v_prev)
@@ -116,7 +127,7 @@ def lanczos(matvec, like, *, steps: int = 10, key=None) -> RitzValues:
   return _ritz_values(alphas, betas, k)
 
 
-def _ritz_values(alphas, betas, k) -> RitzValues:
+def _ritz_values(alphas: jax.Array, betas: jax.Array, k: jax.Array) -> RitzValues:
   """The extreme eigenpairs of the leading k x k block of the tridiagonal (alphas, betas).
 
   The unused trailing diagonal is filled with the mean of the used one, which lies
@@ -136,7 +147,14 @@ def _ritz_values(alphas, betas, k) -> RitzValues:
   return RitzValues(theta[0], theta[-1], residual(0), residual(-1), k)
 
 
-def max_eigenvalue(matvec, like, *, steps: int = 20, key=None, method: str = "power") -> jax.Array:
+def max_eigenvalue(
+  matvec: Matvec,
+  like: PyTree,
+  *,
+  steps: int = 20,
+  key: jax.Array | None = None,
+  method: str = "power",
+) -> jax.Array:
   """Estimates the largest-magnitude eigenvalue of a symmetric linear operator.
 
   ``method="power"`` runs `steps` steps of power iteration, ``v <- A v / ||A v||``,
@@ -173,7 +191,7 @@ def max_eigenvalue(matvec, like, *, steps: int = 20, key=None, method: str = "po
   _base.check_int("max_eigenvalue", "steps", steps, minimum=0)
   v = _vectors.random_unit(like, jax.random.PRNGKey(0) if key is None else key)
 
-  def step(_, v):
+  def step(_: jax.Array, v: PyTree) -> PyTree:
     w = matvec(v)
     return _vectors.scaled(1.0 / _safe(_vectors.norm(w)), w)
 
@@ -181,5 +199,5 @@ def max_eigenvalue(matvec, like, *, steps: int = 20, key=None, method: str = "po
   return jnp.abs(otu.tree_vdot(v, matvec(v)))
 
 
-def _safe(norm):
+def _safe(norm: jax.Array) -> jax.Array:
   return jnp.where(norm > 0, norm, 1.0)

@@ -7,6 +7,10 @@ and `ih.fit` unchanged. Updates are taken in turn (weights, then adjoint and
 hyperparameters at the new weights), the alternating form of the papers' updates.
 """
 
+from collections.abc import Callable
+from typing import Any
+
+import jax
 import optax
 
 from implicit_hyper._src.bilevel import Bilevel
@@ -16,7 +20,13 @@ from implicit_hyper._src.solvers.richardson import Richardson
 
 
 def soba(
-  inner_loss, outer_loss, *, inner_lr, outer_lr, adjoint_lr=None, hparam_transform=None
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
+  *,
+  inner_lr: float | jax.Array,
+  outer_lr: float | jax.Array,
+  adjoint_lr: float | jax.Array | None = None,
+  hparam_transform: Any = None,
 ) -> Bilevel:
   r"""SOBA (Dagreou, Ablin, Vaiter & Moreau, NeurIPS 2022): one step of each per iteration.
 
@@ -62,15 +72,15 @@ def soba(
 
 
 def amigo(
-  inner_loss,
-  outer_loss,
-  inner_optimizer,
-  outer_optimizer,
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
+  inner_optimizer: optax.GradientTransformation,
+  outer_optimizer: optax.GradientTransformation,
   *,
-  inner_steps=10,
-  adjoint_steps=10,
-  adjoint_lr,
-  hparam_transform=None,
+  inner_steps: int = 10,
+  adjoint_steps: int = 10,
+  adjoint_lr: float | jax.Array,
+  hparam_transform: Any = None,
 ) -> Bilevel:
   """AmIGO (Arbel & Mairal, ICLR 2022): warm-started inner and adjoint solves of a few steps.
 

@@ -1,6 +1,7 @@
 """Constrained hyperparameters: the losses see ``transform(raw)``, the optimiser updates ``raw``."""
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 TRANSFORMS = {"exp": jnp.exp, "softplus": jax.nn.softplus, "sigmoid": jax.nn.sigmoid}
 
 
-def hparam_transformation(spec) -> Callable:
+def hparam_transformation(spec: Any) -> Callable[[Any], Any]:
   """Turns a `hparam_transform` spec into a function from raw to constrained hparams.
 
   `spec` is None (identity), a name in `TRANSFORMS`, a callable applied to every leaf, or
@@ -16,7 +17,7 @@ def hparam_transformation(spec) -> Callable:
   "sigmoid", "bias": None}``).
   """
 
-  def leaf_transform(s):
+  def leaf_transform(s: Any) -> Callable[[Any], Any]:
     if s is None:
       return lambda x: x
     if isinstance(s, str):
@@ -30,7 +31,7 @@ def hparam_transformation(spec) -> Callable:
       return s
     raise TypeError(f"`bilevel(hparam_transform=...)`: {s!r} is not a name or a callable.")
 
-  def is_spec_leaf(s):
+  def is_spec_leaf(s: Any) -> bool:
     return s is None or isinstance(s, str) or callable(s)
 
   transforms = jax.tree.map(leaf_transform, spec, is_leaf=is_spec_leaf)

@@ -14,6 +14,8 @@ import functools
 import os
 import sys
 import warnings
+from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 from typing import NamedTuple
 
@@ -29,7 +31,7 @@ POLICIES = ("warn", "raise", "ignore")
 DEFAULT_STATIONARITY_TOL = 1e-2
 
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_RECORDERS: list[list] = []
+_RECORDERS: list[list["SolveRecord"]] = []
 
 
 class HypergradientWarning(RuntimeWarning):
@@ -106,20 +108,20 @@ def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
   return tuple(reasons)
 
 
-def reporter(call: str, checks: Checks):
+def reporter(call: str, checks: Checks) -> Callable[[_base.SolveInfo], None]:
   """``report(info)``: checks a traced `SolveInfo` on the host and acts by `checks`."""
   if checks.on_failure == "ignore":
     return lambda info: None  # no host callback in the compiled program
   location = _user_location()
 
-  def report(info):
+  def report(info: _base.SolveInfo) -> None:
     jax.debug.callback(functools.partial(_act, call, checks, location), info)
 
   return report
 
 
 @contextlib.contextmanager
-def record_solves():
+def record_solves() -> Iterator[list[SolveRecord]]:
   """Collects a `SolveRecord` for every implicit solve run inside the block.
 
   Works eagerly and under `jax.jit` (records arrive when the compiled code runs). Solves
@@ -136,7 +138,7 @@ def record_solves():
     >>> [(r.call, float(r.info.residual_norm), r.failures) for r in records]
     [('implicit_argmin', 0.0, ())]
   """
-  records: list = []
+  records: list[SolveRecord] = []
   _RECORDERS.append(records)
   try:
     yield records
@@ -144,7 +146,7 @@ def record_solves():
     _RECORDERS.remove(records)
 
 
-def _act(call, checks, location, info):
+def _act(call: str, checks: Checks, location: tuple[str, int], info: _base.SolveInfo) -> None:
   info = jax.tree.map(np.asarray, info)
   reasons = failures(info, checks)
   for records in _RECORDERS:
@@ -156,7 +158,8 @@ def _act(call, checks, location, info):
     raise HypergradientError(message)
   # `warn_explicit` with a fresh registry: every occurrence is shown, attributed to the
   # line of the user's code that called the library (not to JAX's callback machinery).
-  warnings.warn_explicit(message, HypergradientWarning, *location, registry={})
+  filename, lineno = location
+  warnings.warn_explicit(message, HypergradientWarning, filename, lineno, registry={})
 
 
 def _user_location() -> tuple[str, int]:

@@ -7,16 +7,30 @@ truncated back-propagation through the last T steps (Lorraine et al. 2020, Secti
 Shaban et al. 2019), each step rematerialised with `jax.checkpoint`.
 """
 
+from collections.abc import Callable
+from collections.abc import Iterable
+from collections.abc import Sequence
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax
 
 from implicit_hyper._src import validation
+from implicit_hyper._src.solvers._base import PyTree
 
 
 def inner_updates(
-  inner_loss, optimizer, params, opt_state, hparams, inner_args, *, length=None, remat=False
-):
+  inner_loss: Callable[..., Any],
+  optimizer: optax.GradientTransformation,
+  params: PyTree,
+  opt_state: optax.OptState,
+  hparams: PyTree,
+  inner_args: Sequence[Any],
+  *,
+  length: int | None = None,
+  remat: bool = False,
+) -> tuple[PyTree, optax.OptState, jax.Array]:
   """Runs one optimiser step per leading-axis slice of `inner_args`, in a `jax.lax.scan`.
 
   Each step is ``params <- params + optimizer.update(grad inner_loss(params, hparams,
@@ -28,7 +42,9 @@ def inner_updates(
     ``(params, opt_state, losses)``; `losses` holds the training loss before each step.
   """
 
-  def one_step(carry, args):
+  def one_step(
+    carry: tuple[PyTree, optax.OptState], args: tuple[Any, ...]
+  ) -> tuple[tuple[PyTree, optax.OptState], jax.Array]:
     params, opt_state = carry
     loss, grads = jax.value_and_grad(inner_loss)(params, hparams, *args)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -42,7 +58,7 @@ def inner_updates(
   return params, opt_state, losses
 
 
-def check_optimizer_hparams(call: str, opt_state, names) -> None:
+def check_optimizer_hparams(call: str, opt_state: optax.OptState, names: Iterable[str]) -> None:
   """Raises unless `opt_state` is an `optax.inject_hyperparams` state with numeric `names`."""
   hyperparams = getattr(opt_state, "hyperparams", None)
   if not isinstance(hyperparams, dict):
@@ -61,7 +77,7 @@ def check_optimizer_hparams(call: str, opt_state, names) -> None:
       )
 
 
-def with_optimizer_hparams(opt_state, values):
+def with_optimizer_hparams(opt_state: Any, values: dict[str, Any]) -> Any:
   """Writes `values` (a dict) into an `optax.inject_hyperparams` state, keeping dtypes."""
   hyperparams = dict(opt_state.hyperparams)
   for name, value in values.items():
@@ -70,8 +86,16 @@ def with_optimizer_hparams(opt_state, values):
 
 
 def unrolled_outer_loss(
-  inner_loss, outer_loss, optimizer, params, opt_state, inner_args, outer_args, *, length=None
-):
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
+  optimizer: optax.GradientTransformation,
+  params: PyTree,
+  opt_state: optax.OptState,
+  inner_args: Sequence[Any],
+  outer_args: Sequence[Any],
+  *,
+  length: int | None = None,
+) -> Callable[[PyTree, dict[str, Any]], tuple[Any, tuple[PyTree, optax.OptState, jax.Array]]]:
   """The truncated unrolled objective as a function of the hyperparameters.
 
   Returns ``f(hparams, opt_hparams) -> (outer_loss(params_T, hparams, *outer_args), aux)``
@@ -81,7 +105,9 @@ def unrolled_outer_loss(
   ``aux = (params_T, opt_state_T, losses)``.
   """
 
-  def objective(hparams, opt_hparams):
+  def objective(
+    hparams: PyTree, opt_hparams: dict[str, Any]
+  ) -> tuple[Any, tuple[PyTree, optax.OptState, jax.Array]]:
     state = with_optimizer_hparams(opt_state, opt_hparams) if opt_hparams else opt_state
     params_t, state_t, losses = inner_updates(
       inner_loss, optimizer, params, state, hparams, inner_args, length=length, remat=True
@@ -92,17 +118,17 @@ def unrolled_outer_loss(
 
 
 def unrolled_hypergrad(
-  inner_loss,
-  outer_loss,
-  inner_optimizer,
-  params,
-  hparams,
+  inner_loss: Callable[..., Any],
+  outer_loss: Callable[..., Any],
+  inner_optimizer: optax.GradientTransformation,
+  params: PyTree,
+  hparams: PyTree,
   *,
-  inner_args,
-  outer_args=(),
-  opt_state=None,
-  opt_hparams=None,
-):
+  inner_args: Sequence[Any],
+  outer_args: Sequence[Any] = (),
+  opt_state: optax.OptState | None = None,
+  opt_hparams: dict[str, Any] | None = None,
+) -> tuple[PyTree, dict[str, Any] | None]:
   r"""The hypergradient by reverse mode through T inner optimiser steps.
 
   With :math:`\theta_{t+1} = \theta_t + u(\nabla_\theta L_T(\theta_t, \lambda; x_t),

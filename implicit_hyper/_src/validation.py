@@ -1,13 +1,14 @@
 """Checks on user input, made at trace time so errors name the argument at fault."""
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 
-def check_float_tree(call: str, name: str, tree) -> None:
+def check_float_tree(call: str, name: str, tree: Any) -> None:
   """Raises `TypeError` unless every leaf of `tree` is a real floating-point array."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     dtype = jnp.result_type(leaf)
@@ -22,7 +23,7 @@ def check_float_tree(call: str, name: str, tree) -> None:
       )
 
 
-def check_real_tree(call: str, name: str, tree) -> None:
+def check_real_tree(call: str, name: str, tree: Any) -> None:
   """Raises `TypeError` when a leaf of `tree` is complex (not supported: see the hint)."""
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     if jnp.issubdtype(jnp.result_type(leaf), jnp.complexfloating):
@@ -38,7 +39,7 @@ _COMPLEX_HINT = (
 )
 
 
-def check_same_structure(call: str, name: str, got, expected, expected_name: str) -> None:
+def check_same_structure(call: str, name: str, got: Any, expected: Any, expected_name: str) -> None:
   """Raises `ValueError` unless `got` has the tree structure, shapes and dtypes of `expected`."""
   got_struct: Any
   expected_struct: Any
@@ -59,7 +60,9 @@ def check_same_structure(call: str, name: str, got, expected, expected_name: str
       )
 
 
-def check_scalar_loss(call: str, name: str, loss_fn, *example_args, **example_kwargs) -> None:
+def check_scalar_loss(
+  call: str, name: str, loss_fn: Callable[..., Any], *example_args: Any, **example_kwargs: Any
+) -> None:
   """Raises `ValueError` unless `loss_fn(*example_args, **example_kwargs)` is a real scalar."""
   out = jax.eval_shape(functools.partial(loss_fn, **example_kwargs), *example_args)
   if not (hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)):
@@ -71,7 +74,7 @@ def check_scalar_loss(call: str, name: str, loss_fn, *example_args, **example_kw
     )
 
 
-def check_args_tuple(call: str, name: str, args) -> None:
+def check_args_tuple(call: str, name: str, args: object) -> None:
   """Raises `TypeError` unless `args` is a tuple or list (the extra arguments of a loss)."""
   if not isinstance(args, (tuple, list)):
     raise TypeError(

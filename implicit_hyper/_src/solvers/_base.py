@@ -16,8 +16,9 @@ import functools
 import numbers
 from collections.abc import Callable
 from typing import Any
-from typing import ClassVar
 from typing import NamedTuple
+from typing import Protocol
+from typing import TypeAlias
 from typing import TypeVar
 from typing import dataclass_transform
 
@@ -25,10 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax.tree_utils as otu
+from jax.typing import DTypeLike
 
 from implicit_hyper._src.solvers import _vectors
 
-Matvec = Callable[[Any], Any]
+# JAX has no type for pytrees (any nesting of containers around arrays): `PyTree` names them.
+PyTree: TypeAlias = Any
+Matvec: TypeAlias = Callable[[PyTree], PyTree]
 SolverClass = TypeVar("SolverClass", bound=type)
 
 # A truncated Neumann series or a Krylov method never makes the residual larger than the
@@ -70,23 +74,25 @@ def solver_pytree(*, data: tuple[str, ...] = ("ridge",)) -> Callable[[SolverClas
   field is static and must be hashable.
   """
 
-  def register(cls):
-    cls = dataclasses.dataclass(frozen=True, kw_only=True)(cls)
+  def register(cls: SolverClass) -> SolverClass:
+    # Both calls change `cls` itself and return it (a dataclass without slots is no copy).
+    dataclasses.dataclass(frozen=True, kw_only=True)(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     data_fields = [n for n in names if n in data]
     meta_fields = [n for n in names if n not in data]
-    return jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
+    jax.tree_util.register_dataclass(cls, data_fields=data_fields, meta_fields=meta_fields)
+    return cls
 
   return register
 
 
-def check_int(call: str, name: str, value, *, minimum: int) -> None:
+def check_int(call: str, name: str, value: object, *, minimum: int) -> None:
   """Raises unless `value` is an integer (not a bool) of at least `minimum`."""
   if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
     raise ValueError(f"`{call}({name}=...)` must be an int >= {minimum}, got {value!r}.")
 
 
-def check_nonnegative(call: str, name: str, value) -> None:
+def check_nonnegative(call: str, name: str, value: object) -> None:
   """Raises when a concrete `value` is negative or NaN; traced values are left to `SolveInfo`."""
   if isinstance(value, (bool, np.bool_)):
     raise ValueError(f"`{call}({name}=...)` must be a non-negative number, got {value!r}.")
@@ -104,22 +110,31 @@ class LinearSolver:
   valid for a symmetric A.
   """
 
-  ridge: float = 0.0
-  requires_symmetric: ClassVar[bool] = False
+  ridge: float | jax.Array = 0.0
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     check_nonnegative(type(self).__name__, "ridge", self.ridge)
 
-  def init(self, like) -> Any:
+  @property
+  def requires_symmetric(self) -> bool:
+    """Whether the method is only valid for a symmetric A (False here).
+
+    A subclass overrides it with a class attribute (``requires_symmetric = True``) or a
+    property of its settings.
+    """
+    return False
+
+  def init(self, like: PyTree) -> Any:
     """The state before any solve, for right-hand sides shaped like `like` (None here)."""
     del like
     return None
 
-  def solve(self, matvec: Matvec, b, state=None) -> tuple[Any, SolveInfo, Any]:
+  def solve(self, matvec: Matvec, b: PyTree, state: Any = None) -> tuple[PyTree, SolveInfo, Any]:
     """Approximately solves ``(A + ridge * I) x = b``; returns ``(x, SolveInfo, state)``."""
     return self.compute(with_ridge(matvec, self.ridge), b, state)
 
-  def compute(self, matvec: Matvec, b, state) -> tuple[Any, SolveInfo, Any]:
+  def compute(self, matvec: Matvec, b: PyTree, state: Any) -> tuple[PyTree, SolveInfo, Any]:
+    """Solves ``A x = b`` for the operator `matvec` (the ridge already added)."""
     raise NotImplementedError
 
   def for_fixed_point(self) -> "LinearSolver":
@@ -127,27 +142,48 @@ class LinearSolver:
     return self
 
 
-def with_ridge(matvec: Matvec, ridge) -> Matvec:
+class Solver(Protocol):
+  """What the ``solver=`` arguments take: any object with `init` and `solve`.
+
+  `LinearSolver` and its subclasses are such objects; a plain function
+  ``solve(matvec, b) -> x`` given instead is wrapped in `FunctionSolver`.
+  """
+
+  def init(self, like: PyTree) -> Any: ...
+
+  def solve(
+    self, matvec: Matvec, b: PyTree, state: Any = None
+  ) -> tuple[PyTree, SolveInfo, Any]: ...
+
+
+def with_ridge(matvec: Matvec, ridge: float | jax.Array) -> Matvec:
   """Returns ``x -> matvec(x) + ridge * x`` (`matvec` itself for a Python zero)."""
   if isinstance(ridge, numbers.Real) and ridge == 0:
     return matvec
   return lambda x: _vectors.add_scaled(matvec(x), ridge, x)
 
 
-def relative_norm(r, b) -> jax.Array:
+def relative_norm(r: PyTree, b: PyTree) -> jax.Array:
   """``||r|| / ||b||``, defined as ``||r||`` when ``b == 0``."""
   b_norm = otu.tree_norm(b)
   return otu.tree_norm(r) / jnp.where(b_norm > 0, b_norm, 1.0)
 
 
-def tree_all_finite(tree) -> jax.Array:
+def tree_all_finite(tree: PyTree) -> jax.Array:
   """True when every leaf of `tree` is finite."""
   finite = [jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]
   return functools.reduce(jnp.logical_and, finite, jnp.array(True))
 
 
 def make_info(
-  x, residual, b, num_steps, extra_failure=False, *, tol=None, negative_curvature=False
+  x: PyTree,
+  residual: PyTree,
+  b: PyTree,
+  num_steps: int | jax.Array,
+  extra_failure: bool | jax.Array = False,
+  *,
+  tol: float | jax.Array | None = None,
+  negative_curvature: bool | jax.Array = False,
 ) -> SolveInfo:
   """Builds `SolveInfo` from the final iterate and residual ``b - A x``.
 
@@ -172,25 +208,25 @@ def make_info(
   )
 
 
-def no_solve_info(dtype=jnp.float32) -> SolveInfo:
+def no_solve_info(dtype: DTypeLike = jnp.float32) -> SolveInfo:
   """The `SolveInfo` of no solve at all (an unrolled hypergradient)."""
   zero = jnp.zeros((), dtype)
   false = jnp.array(False)
   return SolveInfo(zero, jnp.zeros((), jnp.int32), false, jnp.array(True), false, zero * jnp.nan)
 
 
-def residual(matvec: Matvec, x, b):
+def residual(matvec: Matvec, x: PyTree, b: PyTree) -> PyTree:
   """``b - A x``."""
   return otu.tree_sub(b, matvec(x))
 
 
-def tree_dtype(tree):
+def tree_dtype(tree: PyTree) -> np.dtype:
   """The widest floating dtype among the leaves of `tree` (float32 for none)."""
   dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)]
   return jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
 
 
-def as_solver(call: str, solver, default, *, symmetric: bool):
+def as_solver(call: str, solver: object, default: Solver | None, *, symmetric: bool) -> Any:
   """`solver` as an object with `init` and `solve`; raises naming `call` when it is not one.
 
   None gives `default`. A plain function ``solve(matvec, b) -> x`` (jaxopt's

@@ -7,9 +7,17 @@ import optax.tree_utils as otu
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers import cg
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
+
+# A BiCGStab iterate: (x, r, p, v, rho, alpha, omega, k, broke).
+_Carry = tuple[
+  PyTree, PyTree, PyTree, PyTree, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array
+]
 
 
-def _ratio(num, den):
+def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
   """``num / den`` with a zero denominator giving 0 (reported as a breakdown)."""
   return jnp.where(den == 0, 0.0, num / jnp.where(den == 0, 1.0, den))
 
@@ -42,24 +50,24 @@ class BiCGStab(_base.LinearSolver):
   steps: int = 20
   tol: float = 1e-10
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     cg.check_iteration_settings("BiCGStab", self.steps, self.tol)
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
     x, r = otu.tree_zeros_like(b), b
     shadow = r
     threshold = self.tol * otu.tree_norm(b)
     one = jnp.ones((), otu.tree_dtype(b, "highest"))
     zeros = otu.tree_zeros_like(b)
-    state = (x, r, zeros, zeros, one, one, one, jnp.asarray(0), jnp.asarray(False))
+    start = (x, r, zeros, zeros, one, one, one, jnp.asarray(0), jnp.asarray(False))
 
-    def keep_going(state):
+    def keep_going(state: _Carry) -> jax.Array:
       r, k, broke = state[1], state[7], state[8]
       return (k < self.steps) & (otu.tree_norm(r) > threshold) & ~broke
 
-    def iteration(state):
+    def iteration(state: _Carry) -> _Carry:
       x, r, p, v, rho, alpha, omega, k, _ = state
       rho_new = otu.tree_vdot(shadow, r)
       beta = _ratio(rho_new, rho) * _ratio(alpha, omega)
@@ -78,6 +86,6 @@ class BiCGStab(_base.LinearSolver):
       rho_new, alpha, omega = (c.astype(one.dtype) for c in (rho_new, alpha, omega))
       return x, r, p, v, rho_new, alpha, omega, k + 1, broke
 
-    final = jax.lax.while_loop(keep_going, iteration, state)
+    final = jax.lax.while_loop(keep_going, iteration, start)
     x, k, broke = final[0], final[7], final[8]
     return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke, tol=self.tol), None

@@ -1,5 +1,6 @@
 """Conjugate gradient (iMAML's inverse-Hessian-vector product), optionally preconditioned."""
 
+from collections.abc import Callable
 from typing import Any
 from typing import NamedTuple
 
@@ -9,35 +10,49 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
+
+# A CG iterate: (x, r, p, r^T z, ||r||, k, broke).
+_Carry = tuple[PyTree, PyTree, PyTree, jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-def check_iteration_settings(call: str, steps, tol) -> None:
+def check_iteration_settings(call: str, steps: object, tol: object) -> None:
   """Validates the `steps` and `tol` settings shared by the Krylov solvers."""
   _base.check_int(call, "steps", steps, minimum=0)
   _base.check_nonnegative(call, "tol", tol)
 
 
-def conjugate_gradient(matvec, b, init, *, steps: int, tol: float, precondition=None):
+def conjugate_gradient(
+  matvec: Matvec,
+  b: PyTree,
+  init: PyTree | None,
+  *,
+  steps: int,
+  tol: float,
+  precondition: Callable[[PyTree], PyTree] | None = None,
+) -> tuple[PyTree, SolveInfo]:
   """Runs CG on ``A x = b`` for symmetric positive-definite A; returns ``(x, SolveInfo)``.
 
   Stops after `steps` iterations or when ``||r|| <= tol ||b||``. A direction with
   ``p^T A p <= 0`` (A is not positive definite there) marks the solve as diverged.
   `precondition` (``r -> P^{-1} r``, symmetric positive definite) gives preconditioned CG.
   """
-  precondition = (lambda r: r) if precondition is None else precondition
+  apply: Callable[[PyTree], PyTree] = (lambda r: r) if precondition is None else precondition
   dtype = _base.tree_dtype(b)
   x = otu.tree_zeros_like(b) if init is None else init
   r = otu.tree_sub(b, matvec(x)) if init is not None else b
   threshold = tol * _vectors.norm(b)
-  z = _vectors.like_tree(precondition(r), b)
+  z = _vectors.like_tree(apply(r), b)
   rz = otu.tree_vdot(r, z).astype(dtype)
   state = (x, r, z, rz, _vectors.norm(r).astype(dtype), jnp.asarray(0), jnp.asarray(False))
 
-  def keep_going(state):
+  def keep_going(state: _Carry) -> jax.Array:
     *_, r_norm, k, broke = state
     return (k < steps) & (r_norm > threshold) & ~broke
 
-  def iteration(state):
+  def iteration(state: _Carry) -> _Carry:
     x, r, p, rz, _, k, _ = state
     ap = matvec(p)
     curvature = otu.tree_vdot(p, ap).astype(dtype)
@@ -45,7 +60,7 @@ def conjugate_gradient(matvec, b, init, *, steps: int, tol: float, precondition=
     step = jnp.where(broke, 0.0, rz / jnp.where(broke, 1.0, curvature))
     x = _vectors.add_scaled(x, step, p)
     r = _vectors.add_scaled(r, -step, ap)
-    z = _vectors.like_tree(precondition(r), b)
+    z = _vectors.like_tree(apply(r), b)
     rz_new = otu.tree_vdot(r, z).astype(dtype)
     p = _vectors.add_scaled(z, rz_new / jnp.where(rz > 0, rz, 1.0), p)
     return x, r, p, rz_new, _vectors.norm(r).astype(dtype), k + 1, broke
@@ -110,7 +125,7 @@ class CG(_base.LinearSolver):
   preconditioner: Any = None
   requires_symmetric = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     check_iteration_settings("CG", self.steps, self.tol)
     methods = ("init", "update", "apply")
@@ -122,13 +137,15 @@ class CG(_base.LinearSolver):
         f"`ih.NystromPreconditioner(rank=20)`, got {self.preconditioner!r}."
       )
 
-  def init(self, like):
+  def init(self, like: PyTree) -> CGState | PyTree | None:
     solution = otu.tree_zeros_like(like) if self.warm_start else None
     if self.preconditioner is None:
       return solution
     return CGState(solution, self.preconditioner.init(like))
 
-  def compute(self, matvec, b, state):
+  def compute(
+    self, matvec: Matvec, b: PyTree, state: CGState | PyTree | None
+  ) -> tuple[PyTree, SolveInfo, CGState | PyTree | None]:
     if self.preconditioner is None:
       x, info = conjugate_gradient(matvec, b, state, steps=self.steps, tol=self.tol)
       return x, info, (x if self.warm_start else None)

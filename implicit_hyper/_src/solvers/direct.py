@@ -1,10 +1,15 @@
 """Exact solve by materialising the operator: for small problems and tests."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree()
@@ -29,7 +34,7 @@ class Direct(_base.LinearSolver):
     [1.0, 1.0]
   """
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: Any) -> tuple[PyTree, SolveInfo, Any]:
     flat_b, unravel = ravel_pytree(b)
     matrix = jax.jacfwd(lambda v: ravel_pytree(matvec(unravel(v)))[0])(flat_b)
     dtype = jnp.promote_types(flat_b.dtype, jnp.float32)

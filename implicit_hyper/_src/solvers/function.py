@@ -1,8 +1,12 @@
 """A plain function ``solve(matvec, b) -> x`` (jaxopt's `linear_solve`) as a solver."""
 
 from collections.abc import Callable
+from typing import Any
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree()
@@ -25,13 +29,13 @@ class FunctionSolver(_base.LinearSolver):
     ([0.5, 0.5], 0.0)
   """
 
-  fn: Callable
+  fn: Callable[[Matvec, PyTree], PyTree]
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     if not callable(self.fn):
       raise TypeError(f"`FunctionSolver(fn=...)` must be callable, got {self.fn!r}.")
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: Any) -> tuple[PyTree, SolveInfo, Any]:
     x = self.fn(matvec, b)
     return x, _base.make_info(x, _base.residual(matvec, x, b), b, 0), state

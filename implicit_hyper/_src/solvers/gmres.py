@@ -1,21 +1,39 @@
 """Restarted GMRES: a Krylov solver for non-symmetric operators."""
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import cg
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
+
+# An Arnoldi step's carry: (j, basis, hessenberg, g, rotations, invariant).
+_Arnoldi = tuple[jax.Array, jax.Array, jax.Array, jax.Array, jax.Array, jax.Array]
+# A cycle's carry: (x, r, k, invariant), flat.
+_Cycle = tuple[jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-def _givens(a, b):
+def _givens(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(c, s)`` with ``[[c, s], [-s, c]] @ [a, b] = [hypot(a, b), 0]``."""
   r = jnp.hypot(a, b)
   safe = jnp.where(r == 0, 1.0, r)
   return jnp.where(r == 0, 1.0, a / safe), jnp.where(r == 0, 0.0, b / safe)
 
 
-def _cycle(matvec, x, r, *, restart: int, budget, threshold):
+def _cycle(
+  matvec: Callable[[jax.Array], jax.Array],
+  x: jax.Array,
+  r: jax.Array,
+  *,
+  restart: int,
+  budget: jax.Array,
+  threshold: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One GMRES(m) cycle from ``x`` with residual ``r``: at most `budget` Arnoldi steps.
 
   Returns the new x, the number of steps and whether the Krylov space became invariant.
@@ -28,11 +46,11 @@ def _cycle(matvec, x, r, *, restart: int, budget, threshold):
   rotations = jnp.zeros((2, restart), dtype)
   eps = jnp.finfo(dtype).eps
 
-  def keep_going(it):
+  def keep_going(it: _Arnoldi) -> jax.Array:
     j, _, _, g, _, invariant = it
     return (j < jnp.minimum(budget, restart)) & (jnp.abs(g[j]) > threshold) & ~invariant
 
-  def arnoldi(it):
+  def arnoldi(it: _Arnoldi) -> _Arnoldi:
     j, basis, hessenberg, g, rotations, _ = it
     w = matvec(basis[j])
     scale = jnp.linalg.norm(w)
@@ -46,7 +64,7 @@ def _cycle(matvec, x, r, *, restart: int, budget, threshold):
     basis = basis.at[j + 1].set(jnp.where(invariant, 0.0, w / jnp.where(invariant, 1.0, h_next)))
     column = h.at[j + 1].set(h_next)
 
-    def rotate(i, column):
+    def rotate(i: jax.Array, column: jax.Array) -> jax.Array:
       c, s = rotations[0, i], rotations[1, i]
       a, b = column[i], column[i + 1]
       rotated = column.at[i].set(c * a + s * b).at[i + 1].set(-s * a + c * b)
@@ -106,23 +124,23 @@ class GMRES(_base.LinearSolver):
   restart: int = 20
   tol: float = 1e-10
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     cg.check_iteration_settings("GMRES", self.steps, self.tol)
     _base.check_int("GMRES", "restart", self.restart, minimum=1)
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
     flat_b, unravel = ravel_pytree(b)
     flat_matvec = lambda v: ravel_pytree(matvec(unravel(v)))[0].astype(flat_b.dtype)
     threshold = self.tol * jnp.linalg.norm(flat_b)
     restart = min(self.restart, max(self.steps, 1))
 
-    def keep_going(it):
+    def keep_going(it: _Cycle) -> jax.Array:
       _, r, k, invariant = it
       return (k < self.steps) & (jnp.linalg.norm(r) > threshold) & ~invariant
 
-    def cycle(it):
+    def cycle(it: _Cycle) -> _Cycle:
       x, r, k, _ = it
       x, taken, invariant = _cycle(
         flat_matvec, x, r, restart=restart, budget=self.steps - k, threshold=threshold

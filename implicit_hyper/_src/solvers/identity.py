@@ -1,7 +1,12 @@
 """The zero-term approximation ``A^{-1} ~ I``."""
 
+from typing import Any
+
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree(data=("ridge", "scale"))
@@ -26,7 +31,7 @@ class Identity(_base.LinearSolver):
 
   scale: float = 1.0
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: Any) -> tuple[PyTree, SolveInfo, Any]:
     x = _vectors.scaled(self.scale, b)
     info = _base.make_info(x, _base.residual(matvec, x, b), b, 0)
     return x, info._replace(diverged=~_base.tree_all_finite(x)), state

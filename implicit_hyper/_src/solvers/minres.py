@@ -1,5 +1,7 @@
 """MINRES: a Krylov solver for symmetric indefinite operators."""
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
@@ -7,6 +9,9 @@ import optax.tree_utils as otu
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers import cg
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree()
@@ -51,11 +56,11 @@ class MINRES(_base.LinearSolver):
   tol: float = 1e-10
   requires_symmetric = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     cg.check_iteration_settings("MINRES", self.steps, self.tol)
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
     dtype = _base.tree_dtype(b)
     scalar = lambda value: jnp.asarray(value, dtype)
@@ -81,10 +86,10 @@ class MINRES(_base.LinearSolver):
       "broke": jnp.array(False),
     }
 
-    def keep_going(it):
+    def keep_going(it: dict[str, Any]) -> jax.Array:
       return (it["k"] < self.steps) & (jnp.abs(it["phi_bar"]) > threshold) & ~it["broke"]
 
-    def iteration(it):
+    def iteration(it: dict[str, Any]) -> dict[str, Any]:
       # Lanczos: beta_next v_next = A v - alpha v - beta v_prev.
       u = _vectors.add_scaled(matvec(it["v"]), -it["beta"], it["v_prev"])
       alpha = otu.tree_vdot(it["v"], u).astype(dtype)
@@ -138,5 +143,5 @@ class MINRES(_base.LinearSolver):
     return it["x"], info, None
 
 
-def _nonzero(value):
+def _nonzero(value: jax.Array) -> jax.Array:
   return jnp.where(value == 0, 1.0, value)

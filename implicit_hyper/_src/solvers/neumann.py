@@ -2,6 +2,7 @@
 
 import dataclasses
 from typing import NamedTuple
+from typing import TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,9 @@ import optax.tree_utils as otu
 from implicit_hyper._src import spectral
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 # The automatic step keeps alpha * (theta_max + residual) <= SAFETY < 2, so the series
 # converges whenever the Lanczos bound theta_max + residual holds lambda_max.
@@ -29,8 +33,14 @@ class NeumannState(NamedTuple):
 
   alpha: jax.Array
   age: jax.Array
-  count: jax.Array
+  # `count` shadows the method `tuple.count` on purpose (NamedTuple allows it at run time);
+  # mypy reports any field over a method of `tuple`.
+  count: jax.Array  # type: ignore[assignment]
   min_eigenvalue: jax.Array
+
+
+# `(alpha, min_eigenvalue, age)`, the branches of the cached-or-estimated step.
+_Step: TypeAlias = tuple[jax.Array, jax.Array, jax.Array]
 
 
 @_base.solver_pytree(data=("ridge", "alpha"))
@@ -89,7 +99,7 @@ class Neumann(_base.LinearSolver):
   estimate_steps: int = 4
   refresh_every: int = 10
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     _base.check_int("Neumann", "steps", self.steps, minimum=0)
     _base.check_int("Neumann", "estimate_steps", self.estimate_steps, minimum=1)
@@ -108,14 +118,16 @@ class Neumann(_base.LinearSolver):
     """Step 1 on ``I - J``: the series ``sum_k J^k``."""
     return self if self.alpha is not None else dataclasses.replace(self, alpha=1.0)
 
-  def init(self, like) -> NeumannState | None:
+  def init(self, like: PyTree) -> NeumannState | None:
     if self.alpha is not None:
       return None
     zero = jnp.zeros((), jnp.int32)
     nan = jnp.full((), jnp.nan, _base.tree_dtype(like))
     return NeumannState(nan, zero, zero, nan)
 
-  def estimate_step(self, matvec, like, key=None) -> tuple[jax.Array, jax.Array]:
+  def estimate_step(
+    self, matvec: Matvec, like: PyTree, key: jax.Array | None = None
+  ) -> tuple[jax.Array, jax.Array]:
     """``(alpha, theta_min)`` from `estimate_steps` Lanczos steps (alpha 1 when A is 0)."""
     ritz = spectral.lanczos(matvec, like, steps=self.estimate_steps, key=key)
     scale = jnp.maximum(
@@ -124,7 +136,9 @@ class Neumann(_base.LinearSolver):
     good = jnp.isfinite(scale) & (scale > 0)
     return 1.0 / jnp.where(good, scale, 1.0), ritz.smallest
 
-  def step_size(self, matvec, b, state):
+  def step_size(
+    self, matvec: Matvec, b: PyTree, state: NeumannState | None
+  ) -> tuple[jax.Array, NeumannState | None]:
     """The step used on ``matvec`` and the state after it."""
     if self.alpha is not None:
       return jnp.asarray(self.alpha), state
@@ -134,29 +148,31 @@ class Neumann(_base.LinearSolver):
       one = jnp.ones((), jnp.int32)
       return alpha, NeumannState(alpha.astype(dtype), one, one, smallest.astype(dtype))
 
-    def estimate():
+    def estimate() -> _Step:
       key = jax.random.fold_in(jax.random.PRNGKey(0), state.count)
       alpha, smallest = self.estimate_step(matvec, b, key)
       return alpha.astype(dtype), smallest.astype(dtype), jnp.zeros_like(state.age)
 
-    def cached():
+    def cached() -> _Step:
       return state.alpha, state.min_eigenvalue, state.age
 
     due = ~jnp.isfinite(state.alpha) | (state.age >= self.refresh_every)
     alpha, smallest, age = jax.lax.cond(due, estimate, cached)
     return alpha, NeumannState(alpha, age + 1, state.count + 1, smallest)
 
-  def compute(self, matvec, b, state):
+  def compute(
+    self, matvec: Matvec, b: PyTree, state: NeumannState | None
+  ) -> tuple[PyTree, SolveInfo, NeumannState | None]:
     alpha, state = self.step_size(matvec, b, state)
 
-    def term(_, carry):
+    def term(_: jax.Array, carry: tuple[PyTree, PyTree]) -> tuple[PyTree, PyTree]:
       x, p = carry
       x = _vectors.add_scaled(x, alpha, p)
       p = _vectors.add_scaled(p, -alpha, matvec(p))
       return x, p
 
     x, p = jax.lax.fori_loop(0, self.steps, term, (otu.tree_zeros_like(b), b))
-    negative = False
+    negative: bool | jax.Array = False
     if state is not None:
       # Ritz values are exact to about sqrt(eps) |A|: below that, round-off is no proof.
       tolerance = jnp.sqrt(jnp.finfo(_base.tree_dtype(b)).eps) / alpha

@@ -4,6 +4,9 @@ import jax
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import cg
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree()
@@ -30,15 +33,15 @@ class NormalCG(_base.LinearSolver):
   steps: int = 20
   tol: float = 1e-10
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     cg.check_iteration_settings("NormalCG", self.steps, self.tol)
 
-  def compute(self, matvec, b, state):
+  def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
     rmatvec = jax.linear_transpose(matvec, b)
 
-    def normal_matvec(v):
+    def normal_matvec(v: PyTree) -> PyTree:
       (out,) = rmatvec(matvec(v))
       return out
 

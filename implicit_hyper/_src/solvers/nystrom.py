@@ -30,8 +30,12 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+from jax.typing import DTypeLike
 
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 class NystromState(NamedTuple):
@@ -52,10 +56,12 @@ class NystromState(NamedTuple):
   inverse_eigenvalues: jax.Array
   ritz: jax.Array
   age: jax.Array
-  count: jax.Array
+  # `count` shadows the method `tuple.count` on purpose (NamedTuple allows it at run time);
+  # mypy reports any field over a method of `tuple`.
+  count: jax.Array  # type: ignore[assignment]
 
 
-def _test_matrix(key, n: int, k: int, dtype) -> jax.Array:
+def _test_matrix(key: jax.Array, n: int, k: int, dtype: DTypeLike) -> jax.Array:
   """An (n, k) random matrix with orthonormal columns.
 
   Gaussian, or Rademacher (random signs, 32 per random word) when it has more than 2^16
@@ -73,7 +79,7 @@ def _test_matrix(key, n: int, k: int, dtype) -> jax.Array:
   return jax.scipy.linalg.solve_triangular(factor, omega.T, lower=True).T
 
 
-def _range(y) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _range(y: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
   """A thin SVD ``y = P diag(s) Z^T`` of a tall (n, k) y from k x k eigenproblems.
 
   Two passes of ``P = y Z diag(1/s)`` from the Gram matrix ``y^T y`` (the second restores
@@ -94,7 +100,9 @@ def _range(y) -> tuple[jax.Array, jax.Array, jax.Array]:
   return jnp.where(kept[None, :], p @ u, 0.0), jnp.where(kept, s, 0.0), zt
 
 
-def sketch(matvec, like, rank: int, key) -> tuple[jax.Array, jax.Array, jax.Array]:
+def sketch(
+  matvec: Matvec, like: PyTree, rank: int, key: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """``(U, g, ritz)`` of the Nystrom approximation of ``matvec`` from ``min(rank, n)`` products."""
   flat, unravel = ravel_pytree(like)
   n, dtype = flat.shape[0], flat.dtype
@@ -120,7 +128,7 @@ def sketch(matvec, like, rank: int, key) -> tuple[jax.Array, jax.Array, jax.Arra
   return basis, g, ritz
 
 
-def _empty_state(like, rank: int, refresh_every: int) -> NystromState:
+def _empty_state(like: PyTree, rank: int, refresh_every: int) -> NystromState:
   flat, _ = ravel_pytree(like)
   k = min(rank, flat.shape[0])
   zeros = jnp.zeros((), jnp.int32)
@@ -133,21 +141,28 @@ def _empty_state(like, rank: int, refresh_every: int) -> NystromState:
   )
 
 
-def _refreshed(matvec, like, state, *, rank: int, refresh_every: int, seed: int) -> NystromState:
+def _refreshed(
+  matvec: Matvec,
+  like: PyTree,
+  state: NystromState | None,
+  *,
+  rank: int,
+  refresh_every: int,
+  seed: int,
+) -> NystromState:
   """`state` aged by one solve, or a new sketch (kept for `refresh_every` solves) when due."""
-  if state is None:
-    state = _empty_state(like, rank, refresh_every)
+  old = _empty_state(like, rank, refresh_every) if state is None else state
 
-  def new():
-    key = jax.random.fold_in(jax.random.PRNGKey(seed), state.count)
+  def new() -> NystromState:
+    key = jax.random.fold_in(jax.random.PRNGKey(seed), old.count)
     basis, g, ritz = sketch(matvec, like, rank, key)
-    return NystromState(basis, g, ritz, jnp.zeros_like(state.age), state.count + 1)
+    return NystromState(basis, g, ritz, jnp.zeros_like(old.age), old.count + 1)
 
-  state = jax.lax.cond(state.age >= refresh_every, new, lambda: state)
-  return state._replace(age=state.age + 1)
+  current = jax.lax.cond(old.age >= refresh_every, new, lambda: old)
+  return current._replace(age=current.age + 1)
 
 
-def _check(call: str, rank, refresh_every, seed) -> None:
+def _check(call: str, rank: object, refresh_every: object, seed: object) -> None:
   _base.check_int(call, "rank", rank, minimum=1)
   _base.check_int(call, "refresh_every", refresh_every, minimum=1)
   _base.check_int(call, "seed", seed, minimum=0)
@@ -202,14 +217,16 @@ class Nystrom(_base.LinearSolver):
   seed: int = 0
   requires_symmetric = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     _check("Nystrom", self.rank, self.refresh_every, self.seed)
 
-  def init(self, like):
+  def init(self, like: PyTree) -> NystromState | None:
     return None if self.refresh_every == 1 else _empty_state(like, self.rank, self.refresh_every)
 
-  def compute(self, matvec, b, state):
+  def compute(
+    self, matvec: Matvec, b: PyTree, state: NystromState | None
+  ) -> tuple[PyTree, SolveInfo, NystromState | None]:
     rho = jnp.asarray(self.ridge)
     flat_b, unravel = ravel_pytree(b)
     sketched = lambda v: jax.tree.map(lambda av, x: av - rho * x, matvec(v), v)  # A without rho
@@ -277,20 +294,20 @@ class NystromPreconditioner:
   refresh_every: int = 10
   seed: int = 0
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     _check("NystromPreconditioner", self.rank, self.refresh_every, self.seed)
 
-  def init(self, like) -> NystromState:
+  def init(self, like: PyTree) -> NystromState:
     """The state before any solve: an empty sketch, due at the first."""
     return _empty_state(like, self.rank, self.refresh_every)
 
-  def update(self, matvec, like, state) -> NystromState:
+  def update(self, matvec: Matvec, like: PyTree, state: NystromState | None) -> NystromState:
     """The state for the next solve: sketched anew when due, else aged by one (no products)."""
     return _refreshed(
       matvec, like, state, rank=self.rank, refresh_every=self.refresh_every, seed=self.seed
     )
 
-  def apply(self, state: NystromState, v):
+  def apply(self, state: NystromState, v: PyTree) -> PyTree:
     """``P^{-1} v``."""
     flat, unravel = ravel_pytree(v)
     g = state.inverse_eigenvalues

@@ -6,6 +6,9 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
+from implicit_hyper._src.solvers._base import Matvec
+from implicit_hyper._src.solvers._base import PyTree
+from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree(data=("ridge", "step_size"))
@@ -46,7 +49,7 @@ class Richardson(_base.LinearSolver):
   steps: int = 1
   warm_start: bool = True
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     super().__post_init__()
     _base.check_int("Richardson", "steps", self.steps, minimum=1)
     if isinstance(self.step_size, bool) or (
@@ -54,13 +57,15 @@ class Richardson(_base.LinearSolver):
     ):
       raise ValueError(f"`Richardson(step_size=...)` must be positive, got {self.step_size!r}.")
 
-  def init(self, like):
+  def init(self, like: PyTree) -> PyTree | None:
     return otu.tree_zeros_like(like) if self.warm_start else None
 
-  def compute(self, matvec, b, state):
+  def compute(
+    self, matvec: Matvec, b: PyTree, state: PyTree | None
+  ) -> tuple[PyTree, SolveInfo, PyTree | None]:
     x0 = otu.tree_zeros_like(b) if state is None else state
 
-    def step(_, carry):
+    def step(_: jax.Array, carry: tuple[PyTree, PyTree]) -> tuple[PyTree, PyTree]:
       x, _ = carry
       r = _base.residual(matvec, x, b)
       return _vectors.add_scaled(x, self.step_size, r), r
