@@ -88,7 +88,21 @@ RUNS = [
   Run(
     "overfit_million_seed2", "examples/overfit_validation.py", (*MILLION, "--seed", "2"), OVERFIT
   ),
+  Run(
+    "overfit_mnist",
+    "examples/overfit_validation.py",
+    ("--dataset", "mnist", *MILLION),
+    OVERFIT,
+    ("--dataset", "mnist", "--width", "64"),
+  ),
   Run("dataset_distillation", "examples/dataset_distillation.py", files=DISTILLATION),
+  Run(
+    "dataset_distillation_mnist",
+    "examples/dataset_distillation.py",
+    ("--dataset", "mnist"),
+    DISTILLATION,
+    ("--dataset", "mnist"),
+  ),
   Run(
     "dataset_distillation_mlp", "examples/dataset_distillation.py", ("--model", "mlp"), DISTILLATION
   ),
@@ -147,6 +161,15 @@ RUNS = [
       "hyper_cleaning.png": (),
     },
   ),
+  *(
+    Run(
+      f"hyper_cleaning_seed{seed}",
+      "examples/hyper_cleaning.py",
+      ("--seed", str(seed)),
+      {"metrics.json": ("test_acc", "detection", "gap_to_oracle")},
+    )
+    for seed in (1, 2)
+  ),
   Run(
     "bilevel_quickstart",
     "examples/bilevel_quickstart.py",
@@ -174,7 +197,6 @@ RUNS = [
       ("--problem", problem),
       {f"bilevel_{problem}.json": BENCHMARK, f"bilevel_{problem}.png": ()},
       ("--problem", problem),
-      published=False,  # benchmarks/bilevel.py landed after the last full regeneration
     )
     for problem in ("quadratic", "logreg", "cleaning")
   ),
