@@ -18,10 +18,9 @@ import base64
 import io
 import json
 import sys
+import tomllib
 import zipfile
 from pathlib import Path
-
-import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "implicit_hyper"
