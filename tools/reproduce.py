@@ -107,6 +107,13 @@ RUNS = [
     "dataset_distillation_mlp", "examples/dataset_distillation.py", ("--model", "mlp"), DISTILLATION
   ),
   Run(
+    "dataset_distillation_mnist_mlp",
+    "examples/dataset_distillation.py",
+    ("--dataset", "mnist", "--model", "mlp"),
+    DISTILLATION,
+    ("--dataset", "mnist", "--model", "mlp"),
+  ),
+  Run(
     "learned_augmentation",
     "examples/learned_augmentation.py",
     files={
