@@ -22,6 +22,9 @@ Methods (every one a `ih.bilevel` loop with SGD on both levels, batches of B = 1
   neumann    `ih.bilevel`, T = 10 inner steps per hyper step, `ih.Neumann(steps=10, alpha=rho)`
   cg         `ih.bilevel`, T = 10, `ih.CG(steps=10)` warm-started from the last adjoint (with
              the divergence flag of `TruncatedCG`, below)
+  cg_nystrom the same CG preconditioned by `ih.NystromPreconditioner(rank=10,
+             refresh_every=10)`: a 10-product sketch of the minibatch Hessian, kept in the
+             solver state and reused by the next 10 hyper steps
   soba       `ih.soba`: one step on the weights, one on the adjoint, one on lam
   amigo      `ih.amigo`: T = 10 weight steps, N = 10 adjoint steps (`ih.Richardson`)
   unrolled   `ih.bilevel(method="unrolled")`: reverse mode through the T = 10 inner steps
@@ -36,7 +39,8 @@ Evaluations are counted as: one per minibatch gradient of L_T or L_V (the direct
 theta-gradient of L_V count once together), one per Hessian-vector product, one per mixed
 product; one reverse step through an inner update counts one (an HVP and a mixed product in
 a single VJP). So a hyper step costs T + K + 2 with a K-product solve (CG: K + 1 with its
-warm-start residual), 4 for SOBA and 2T + 1 for unrolled.
+warm-start residual; preconditioned CG also 10 sketch products every 10 hyper steps, counted
+as 1 per step), 4 for SOBA and 2T + 1 for unrolled.
 
 The outer objective is F(lam) = L_V(theta*(lam)) on the whole validation set, with theta*
 solved to a gradient norm of 1e-5 (closed form for quadratic; L-BFGS, warm-started,
@@ -84,7 +88,8 @@ except ImportError:  # imported as benchmarks.bilevel
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"  # its ih_examples loads MNIST
 
-METHODS = ("neumann", "cg", "soba", "amigo", "unrolled")
+METHODS = ("neumann", "cg", "cg_nystrom", "soba", "amigo", "unrolled")
+SKETCH_RANK = SKETCH_EVERY = 10  # cg_nystrom: products per sketch, hyper steps per sketch
 PROBLEMS = ("quadratic", "logreg", "cleaning")
 SEEDS = (0, 1, 2, 3, 4)
 TUNING_SEED = 100
@@ -94,7 +99,7 @@ T = K = 10  # inner steps per hyper step; products per adjoint solve
 # factors of 10 (quadratic 0.01-10, logreg 1-1e5, cleaning 10-1e5, run once on the tuning
 # seed), widened where an earlier choice fell on an edge. Truncated methods (Neumann,
 # unrolled) need larger outer steps: their 10-term hypergradients are smaller in the
-# Hessian's flat directions.
+# Hessian's flat directions. The preconditioned CG (cg_nystrom) is given CG's grid.
 OUTER_GRIDS = {
   "quadratic": dict.fromkeys(METHODS, (0.01, 0.03, 0.1, 0.3, 1.0)),
   # logreg: three values each (a four-value grid, one more below or above, chose the same
@@ -102,6 +107,7 @@ OUTER_GRIDS = {
   "logreg": {
     "neumann": (1000.0, 3000.0, 10000.0),
     "cg": (3.0, 10.0, 30.0),
+    "cg_nystrom": (3.0, 10.0, 30.0),
     "soba": (1.0, 3.0, 10.0),
     "amigo": (10.0, 30.0, 100.0),
     "unrolled": (1000.0, 3000.0, 10000.0),
@@ -109,6 +115,7 @@ OUTER_GRIDS = {
   "cleaning": {
     "neumann": (300.0, 1000.0, 3000.0, 10000.0),
     "cg": (30.0, 100.0, 300.0, 1000.0),
+    "cg_nystrom": (30.0, 100.0, 300.0, 1000.0),
     "soba": (100.0, 300.0, 1000.0, 3000.0),
     "amigo": (100.0, 300.0, 1000.0, 3000.0),
     "unrolled": (1000.0, 3000.0, 10000.0, 30000.0),
@@ -401,6 +408,10 @@ def make_loop(method: str, problem: Problem, outer_lr: float) -> ih.Bilevel:
   solvers = {
     "neumann": ih.Neumann(steps=K, alpha=rho),
     "cg": TruncatedCG(steps=K),
+    "cg_nystrom": TruncatedCG(
+      steps=K,
+      preconditioner=ih.NystromPreconditioner(rank=SKETCH_RANK, refresh_every=SKETCH_EVERY),
+    ),
     "unrolled": None,
   }
   return ih.bilevel(
@@ -420,8 +431,9 @@ def evaluations_per_step(method: str, solver_steps=K):
   if method == "unrolled":
     return 2 * T + 1
   inner_steps = 1 if method == "soba" else T
-  warm_start_residual = 1 if method == "cg" else 0
-  return inner_steps + solver_steps + warm_start_residual + 2
+  warm_start_residual = 1 if method in ("cg", "cg_nystrom") else 0
+  sketch = SKETCH_RANK // SKETCH_EVERY if method == "cg_nystrom" else 0  # amortised
+  return inner_steps + solver_steps + warm_start_residual + sketch + 2
 
 
 class Benchmark:

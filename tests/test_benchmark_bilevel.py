@@ -13,7 +13,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "bilevel.py"
 PROBLEMS = ("quadratic", "logreg", "cleaning")
-METHODS = {"neumann", "cg", "soba", "amigo", "unrolled"}
+METHODS = {"neumann", "cg", "cg_nystrom", "soba", "amigo", "unrolled"}
 
 
 @pytest.fixture(scope="module")
