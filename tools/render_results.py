@@ -394,7 +394,8 @@ def bilevel_line() -> str:
     )
   return (
     "- **Bilevel methods** (`python benchmarks/bilevel.py --problem quadratic|logreg|cleaning`):"
-    " Algorithm 1 with Neumann and CG, SOBA, AmIGO and truncated unrolled differentiation,"
+    " Algorithm 1 with Neumann, CG and Nyström-preconditioned CG, SOBA, AmIGO and truncated"
+    " unrolled differentiation,"
     " evaluations to the target outer loss (median of 5 seeds): "
     + "; ".join(cells)
     + ". Tables and curves: [benchmarks/README.md](benchmarks/README.md#bilevel-methods-bilevelpy)."
