@@ -40,7 +40,7 @@ def implicit_argmin(
     \qquad H = \frac{\partial^2 L}{\partial \theta^2}(\theta^*),
 
   with ``H^{-1}`` applied by `solver` using forward-over-reverse Hessian-vector products
-  (in reverse mode, the transposed solve ``H u = \bar\theta`` followed by one mixed
+  (in reverse mode, the transposed solve :math:`H u = \bar\theta` followed by one mixed
   product). The inner solver is never differentiated: it runs exactly as it would
   undecorated (Python loops, early stopping, iterators, globals) on inputs whose
   derivatives are stopped. Non-array arguments (strings, Python ints) are static.
@@ -172,8 +172,8 @@ def implicit_fixed_point(
   .. math::
     \dot\theta = (I - J)^{-1} \frac{\partial T}{\partial \lambda} \dot\lambda,
 
-  and reverse mode solves ``(I - J)^T u = \bar\theta``. `ih.Neumann` here is the plain
-  series ``u = sum_k (J^T)^k \bar\theta`` (step 1), as in deep equilibrium models; it
+  and reverse mode solves :math:`(I - J)^T u = \bar\theta`. `ih.Neumann` here is the plain
+  series :math:`u = \sum_k (J^T)^k \bar\theta` (step 1), as in deep equilibrium models; it
   converges when T is a contraction and reports divergence otherwise. Proximal-gradient
   and other fixed-point maps of non-smooth problems (lasso) are differentiated this way.
 

@@ -23,7 +23,7 @@ class MINRES(_base.LinearSolver):
   after n steps on an n-dimensional A in exact arithmetic, whatever the signs of A's
   eigenvalues. The Lanczos recurrence gives the tridiagonal ``T_k = V_k^T A V_k``; a
   QR factorisation of it by Givens rotations, updated by one rotation a step, gives
-  ``x_k`` with five vectors of memory, and its residual norm ``|\bar\phi_k|`` for the
+  ``x_k`` with five vectors of memory, and its residual norm :math:`|\bar\phi_k|` for the
   stopping test. The reported residual is the true ``b - A x`` (one more product at the
   end): a recursively updated residual vector drifts from it once the direction vectors
   grow, as they do on an ill-conditioned indefinite A. This is the solver for a network

@@ -51,9 +51,9 @@ class Neumann(_base.LinearSolver):
     A^{-1} b \approx \alpha \sum_{j=0}^{K-1} (I - \alpha A)^j b,
 
   computed with ``K = steps`` products ``A v`` in a `jax.lax.fori_loop`. The residual
-  of the truncation is exactly the next term, ``b - A x = (I - \alpha A)^K b``, so it
-  comes for free. The series converges iff the spectral radius of ``I - \alpha A`` is
-  below one: for symmetric A, iff A is positive definite and ``\alpha \lambda_max < 2``.
+  of the truncation is exactly the next term, :math:`b - A x = (I - \alpha A)^K b`, so it
+  comes for free. The series converges iff the spectral radius of :math:`I - \alpha A` is
+  below one: for symmetric A, iff A is positive definite and :math:`\alpha \lambda_{\max} < 2`.
 
   Differentiating K steps of gradient descent with step size ``alpha`` started at the
   optimum gives exactly this K-term series (Lorraine et al., Theorem 1). On a fixed
