@@ -1,9 +1,5 @@
 """implicit_hyper: hyperparameter optimisation by implicit differentiation in JAX."""
 
-from implicit_hyper._src.bilevel import Bilevel as Bilevel
-from implicit_hyper._src.bilevel import BilevelMetrics as BilevelMetrics
-from implicit_hyper._src.bilevel import BilevelState as BilevelState
-from implicit_hyper._src.bilevel import bilevel as bilevel
 from implicit_hyper._src.checkpoint import latest_checkpoint as latest_checkpoint
 from implicit_hyper._src.checkpoint import load_checkpoint as load_checkpoint
 from implicit_hyper._src.checkpoint import save_checkpoint as save_checkpoint
@@ -14,6 +10,12 @@ from implicit_hyper._src.hypergrad import hypergrad_with_info as hypergrad_with_
 from implicit_hyper._src.implicit import implicit_argmin as implicit_argmin
 from implicit_hyper._src.implicit import implicit_fixed_point as implicit_fixed_point
 from implicit_hyper._src.implicit import implicit_root as implicit_root
+from implicit_hyper._src.methods._common import Bilevel as Bilevel
+from implicit_hyper._src.methods._common import BilevelMetrics as BilevelMetrics
+from implicit_hyper._src.methods._common import BilevelState as BilevelState
+from implicit_hyper._src.methods.amigo import amigo as amigo
+from implicit_hyper._src.methods.implicit import bilevel as bilevel
+from implicit_hyper._src.methods.soba import soba as soba
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
 from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient
@@ -38,8 +40,6 @@ from implicit_hyper._src.solvers.richardson import Richardson as Richardson
 from implicit_hyper._src.spectral import RitzValues as RitzValues
 from implicit_hyper._src.spectral import lanczos as lanczos
 from implicit_hyper._src.spectral import max_eigenvalue as max_eigenvalue
-from implicit_hyper._src.stochastic import amigo as amigo
-from implicit_hyper._src.stochastic import soba as soba
 from implicit_hyper._src.trust import HypergradientError as HypergradientError
 from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
 from implicit_hyper._src.trust import SolveRecord as SolveRecord

@@ -20,9 +20,11 @@ import jax
 import numpy as np
 
 from implicit_hyper._src import checkpoint
+from implicit_hyper._src import trust
 from implicit_hyper._src.checkpoint import load_checkpoint
 from implicit_hyper._src.checkpoint import save_checkpoint
-from implicit_hyper._src.implicit import HypergradientWarning
+from implicit_hyper._src.trust import HypergradientError
+from implicit_hyper._src.trust import HypergradientWarning
 
 METRICS_SUFFIXES = (".json", ".csv")
 RESUME_MODES = ("auto", "force")
@@ -43,6 +45,7 @@ def fit(
   callback: Callable[[int, Any], dict[str, Any] | None] | None = None,
   resume: str = "auto",
   warn_after_skips: int | None = 10,
+  on_non_finite: str = "warn",
 ) -> tuple[Any, list[dict[str, Any]]]:
   """Runs ``loop.step`` (jit-compiled) until ``state.step == num_steps``, resumably.
 
@@ -87,6 +90,10 @@ def fit(
     warn_after_skips: issue a `HypergradientWarning` once this many consecutive hyper
       steps were skipped (``metrics.skipped``): the hyperparameters are frozen. None
       never warns.
+    on_non_finite: "warn" (a `HypergradientWarning`, once), "raise" (a
+      `HypergradientError`, before the step's state is checkpointed) or "ignore" when a
+      step's metrics report ``non_finite`` (the weights or hyperparameters hold a NaN or
+      an infinity: the run cannot recover). The progress bar says so in every case.
 
   Returns:
     ``(state, history)``: the final state and one dict per hyper step holding its index
@@ -111,6 +118,10 @@ def fit(
     raise TypeError(f"`fit(callback=...)` must be callable or None, got {callback!r}.")
   if resume not in RESUME_MODES:
     raise ValueError(f"`fit(resume=...)` must be one of {RESUME_MODES}, got {resume!r}.")
+  if on_non_finite not in trust.POLICIES:
+    raise ValueError(
+      f"`fit(on_non_finite=...)` must be one of {trust.POLICIES}, got {on_non_finite!r}."
+    )
   if metrics_path is not None:
     metrics_path = Path(metrics_path)
     if metrics_path.suffix not in METRICS_SUFFIXES or metrics_path.is_dir():
@@ -143,11 +154,13 @@ def fit(
       (n for n, r in enumerate(reversed(history)) if not r.get("skipped")), len(history)
     )
     warned = False
+    non_finite = _NonFinite(on_non_finite)
     bar = _progress_bar(progress, start, num_steps)
 
     def flush(pending: tuple[Any, ...]) -> None:
       nonlocal streak, warned
       history.append(_record(*pending))
+      non_finite.check(history[-1])
       streak, warned = (streak + 1, warned) if history[-1].get("skipped") else (0, False)
       if warn_after_skips is not None and streak >= warn_after_skips and not warned:
         warned = True
@@ -159,7 +172,7 @@ def fit(
           HypergradientWarning,
           stacklevel=3,
         )
-      _show(bar, history[-1], streak, warn_after_skips)
+      _show(bar, history[-1], streak, warn_after_skips, non_finite.seen)
 
     def save() -> None:
       if directory is not None:
@@ -331,13 +344,10 @@ def _record(step: int, metrics: Any, hparams: Any, extra: dict[str, Any] | None)
   if extra is not None and not isinstance(extra, dict):
     raise TypeError(f"`fit(callback=...)` must return a dict or None, got {extra!r:.80}.")
   metrics, hparams, extra = jax.device_get((metrics, hparams, extra or {}))
-  record = {"step": step, **{k: np.asarray(v).item() for k, v in metrics._asdict().items()}}
-  for path, leaf in jax.tree_util.tree_leaves_with_path(hparams):
-    if np.size(leaf) == 1:
-      name = "/".join(
-        str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
-      )
-      record["hparams/" + name if name else "hparams"] = np.asarray(leaf).item()
+  record: dict[str, Any] = {"step": step}
+  for field, value in metrics._asdict().items():
+    record.update(_scalars(field, value))
+  record.update(_scalars("hparams", hparams))
   for key, value in extra.items():
     if np.size(value) != 1:
       raise TypeError(
@@ -345,6 +355,18 @@ def _record(step: int, metrics: Any, hparams: Any, extra: dict[str, Any] | None)
       )
     record[key] = np.asarray(value).item()
   return record
+
+
+def _scalars(prefix: str, tree: Any) -> dict[str, Any]:
+  """The scalar leaves of `tree` named ``prefix`` or ``prefix/<path>`` (a None tree has none)."""
+  scalars = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if np.size(leaf) == 1:
+      name = "/".join(
+        str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
+      )
+      scalars[prefix + "/" + name if name else prefix] = np.asarray(leaf).item()
+  return scalars
 
 
 def _progress_bar(progress: bool, start: int, num_steps: int) -> Any:
@@ -355,14 +377,40 @@ def _progress_bar(progress: bool, start: int, num_steps: int) -> Any:
   return tqdm(total=num_steps, initial=start, desc="bilevel", unit="step")
 
 
-def _show(bar: Any, record: dict[str, Any], streak: int, warn_after_skips: int | None) -> None:
+def _show(
+  bar: Any, record: dict[str, Any], streak: int, warn_after_skips: int | None, non_finite: bool
+) -> None:
   if bar is None:
     return
   shown = ("inner_loss", "outer_loss", "hypergrad_norm", "num_skipped")
   bar.set_postfix({k: record[k] for k in shown if k in record}, refresh=False)
   frozen = warn_after_skips is not None and streak >= warn_after_skips
-  bar.set_description(f"bilevel (hparams frozen: {streak} skipped)" if frozen else "bilevel", False)
+  notes = ["NON-FINITE weights or hparams"] * non_finite
+  notes += [f"hparams frozen: {streak} skipped"] * frozen
+  bar.set_description("bilevel" + (f" ({'; '.join(notes)})" if notes else ""), False)
   bar.update(1)
+
+
+class _NonFinite:
+  """Acts once, by `fit(on_non_finite=...)`, on the first record flagged ``non_finite``."""
+
+  def __init__(self, policy: str) -> None:
+    self.policy, self.seen = policy, False
+
+  def check(self, record: dict[str, Any]) -> None:
+    if not record.get("non_finite") or self.seen:
+      return
+    self.seen = True
+    message = (
+      f"`fit`: after hyper step {record['step']} the weights or the hyperparameters are "
+      "not finite (NaN or infinity); the run cannot recover from here. Lower the "
+      "learning rates, bound the hyperparameters (`hparam_transform=`), or pick another "
+      "outer optimiser; `fit(on_non_finite=...)` sets what happens."
+    )
+    if self.policy == "raise":
+      raise HypergradientError(message)
+    if self.policy == "warn":
+      warnings.warn(message, HypergradientWarning, stacklevel=4)
 
 
 def _write_metrics(path: Path, history: list[dict[str, Any]]) -> None:

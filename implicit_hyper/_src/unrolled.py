@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 
 from implicit_hyper._src import validation
+from implicit_hyper._src.methods import _common
 from implicit_hyper._src.solvers._base import PyTree
 
 
@@ -30,32 +31,46 @@ def inner_updates(
   *,
   length: int | None = None,
   remat: bool = False,
-) -> tuple[PyTree, optax.OptState, jax.Array]:
+  loss_has_aux: bool = False,
+) -> tuple[PyTree, optax.OptState, jax.Array, Any]:
   """Runs one optimiser step per leading-axis slice of `inner_args`, in a `jax.lax.scan`.
 
   Each step is ``params <- params + optimizer.update(grad inner_loss(params, hparams,
-  *args_t))``. With ``remat=True`` each step is wrapped in `jax.checkpoint`, so reverse mode
+  *args_t))``; an `optax.GradientTransformationExtraArgs` (``optax.lbfgs()``) also gets
+  ``value``, ``grad`` and ``value_fn`` (the step's training loss as a function of the
+  weights). With ``remat=True`` each step is wrapped in `jax.checkpoint`, so reverse mode
   stores only the carry of every step and recomputes the rest. `length` gives the number
-  of steps when `inner_args` has no arrays (a loss without data).
+  of steps when `inner_args` has no arrays (a loss without data). With
+  ``loss_has_aux=True`` the loss returns ``(loss, aux)``.
 
   Returns:
-    ``(params, opt_state, losses)``; `losses` holds the training loss before each step.
+    ``(params, opt_state, losses, aux)``; `losses` holds the training loss before each
+    step, `aux` the stacked aux of every step (None without aux).
   """
 
   def one_step(
     carry: tuple[PyTree, optax.OptState], args: tuple[Any, ...]
-  ) -> tuple[tuple[PyTree, optax.OptState], jax.Array]:
+  ) -> tuple[tuple[PyTree, optax.OptState], tuple[jax.Array, Any]]:
     params, opt_state = carry
-    loss, grads = jax.value_and_grad(inner_loss)(params, hparams, *args)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), opt_state), loss
+    (loss, aux), grads = jax.value_and_grad(
+      lambda p: _common.value_and_aux(inner_loss, loss_has_aux, p, hparams, *args), has_aux=True
+    )(params)
+    updates, opt_state = _common.optimizer_update(
+      optimizer,
+      grads,
+      opt_state,
+      params,
+      value=loss,
+      value_fn=lambda p: _common.scalar_loss(inner_loss, loss_has_aux)(p, hparams, *args),
+    )
+    return (optax.apply_updates(params, updates), opt_state), (loss, aux)
 
   if remat:
     one_step = jax.checkpoint(one_step, prevent_cse=False)
-  (params, opt_state), losses = jax.lax.scan(
+  (params, opt_state), (losses, aux) = jax.lax.scan(
     one_step, (params, opt_state), tuple(inner_args), length=length
   )
-  return params, opt_state, losses
+  return params, opt_state, losses, aux
 
 
 def check_optimizer_hparams(call: str, opt_state: optax.OptState, names: Iterable[str]) -> None:
@@ -95,24 +110,35 @@ def unrolled_outer_loss(
   outer_args: Sequence[Any],
   *,
   length: int | None = None,
-) -> Callable[[PyTree, dict[str, Any]], tuple[Any, tuple[PyTree, optax.OptState, jax.Array]]]:
+  loss_has_aux: bool = False,
+) -> Callable[[PyTree, dict[str, Any]], tuple[Any, tuple[Any, ...]]]:
   """The truncated unrolled objective as a function of the hyperparameters.
 
   Returns ``f(hparams, opt_hparams) -> (outer_loss(params_T, hparams, *outer_args), aux)``
   where ``params_T`` follows T rematerialised optimiser steps (the leading axis of
   `inner_args`, or `length`) from `params` (held constant, the truncation),
   `opt_hparams` (a dict, possibly empty) is written into `opt_state` first, and
-  ``aux = (params_T, opt_state_T, losses)``.
+  ``aux = (params_T, opt_state_T, losses, inner_aux, outer_aux)`` (the losses' aux with
+  ``loss_has_aux=True``, else None).
   """
 
-  def objective(
-    hparams: PyTree, opt_hparams: dict[str, Any]
-  ) -> tuple[Any, tuple[PyTree, optax.OptState, jax.Array]]:
+  def objective(hparams: PyTree, opt_hparams: dict[str, Any]) -> tuple[Any, tuple[Any, ...]]:
     state = with_optimizer_hparams(opt_state, opt_hparams) if opt_hparams else opt_state
-    params_t, state_t, losses = inner_updates(
-      inner_loss, optimizer, params, state, hparams, inner_args, length=length, remat=True
+    params_t, state_t, losses, inner_aux = inner_updates(
+      inner_loss,
+      optimizer,
+      params,
+      state,
+      hparams,
+      inner_args,
+      length=length,
+      remat=True,
+      loss_has_aux=loss_has_aux,
     )
-    return outer_loss(params_t, hparams, *outer_args), (params_t, state_t, losses)
+    value, outer_aux = _common.value_and_aux(
+      outer_loss, loss_has_aux, params_t, hparams, *outer_args
+    )
+    return value, (params_t, state_t, losses, inner_aux, outer_aux)
 
   return objective
 
