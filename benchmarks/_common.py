@@ -31,7 +31,9 @@ import implicit_hyper as ih
 
 NUM_FEATURES = 64
 NUM_CLASSES = 10
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+# A scratch folder git ignores: the published results in docs/results/ are written only by
+# `python -m tools.reproduce`, with their run.json, so a run by hand leaves them as they are.
+DEFAULT_OUT = Path(__file__).resolve().parents[1] / "out" / "benchmarks"
 
 
 class Problem(NamedTuple):
@@ -242,7 +244,9 @@ def common_args(description: str) -> argparse.ArgumentParser:
   """The options every benchmark takes: --quick, --out (and --child, internal)."""
   parser = argparse.ArgumentParser(description=description)
   parser.add_argument("--quick", action="store_true", help="a tiny configuration (smoke test)")
-  parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="where to write results")
+  parser.add_argument(
+    "--out", type=Path, default=DEFAULT_OUT, help="where to write results (default: out/benchmarks)"
+  )
   parser.add_argument("--child", help=argparse.SUPPRESS)
   return parser
 

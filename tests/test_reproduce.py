@@ -1,5 +1,5 @@
 """The results pipeline: every script is registered, its committed results hold their keys, a
---quick run writes them, and the README's tables are what the committed results render.
+--quick run writes them, and every page's rendered blocks are what the committed results render.
 
 The --quick end-to-end run covers the scripts no other smoke test runs (bilevel_quickstart,
 data_parallel, rule_speed; about 20 s on 2 cores); tests/test_examples_*.py and
@@ -76,5 +76,31 @@ def test_quick_runs_write_every_result_file_with_its_keys():
   assert result.stdout.count(", ok") == len(QUICK)
 
 
-def test_readme_tables_are_rendered_from_the_committed_results():
-  assert render_results.stale() == [], "run: python -m tools.render_results"
+def test_every_page_block_is_rendered_from_the_committed_results():
+  stale = [str(path.relative_to(ROOT)) for path in render_results.stale()]
+  assert stale == [], "run: python -m tools.render_results"
+
+
+def test_every_block_on_every_page_has_a_rendering_function():
+  pages = render_results.pages_with_blocks()
+  assert ROOT / "README.md" in pages and ROOT / "benchmarks" / "README.md" in pages
+  assert len(pages) >= 8
+  assert render_results.unregistered() == []
+
+
+def test_a_block_that_differs_from_its_rendering_is_stale(tmp_path):
+  page = "intro\n<!-- x:begin -->\nold number 1.23\n<!-- x:end -->\noutro\n"
+  rendered = render_results.render(page, {"x": lambda: "new number 4.56"})
+  assert rendered == "intro\n<!-- x:begin -->\nnew number 4.56\n<!-- x:end -->\noutro\n"
+  with pytest.raises(ValueError, match="no <!-- y:begin -->"):
+    render_results.render(page, {"y": lambda: ""})
+
+
+def test_benchmarks_do_not_write_into_the_repository_by_default():
+  sys.path.insert(0, str(ROOT / "benchmarks"))
+  try:
+    import _common
+  finally:
+    sys.path.remove(str(ROOT / "benchmarks"))
+  assert _common.DEFAULT_OUT == ROOT / "out" / "benchmarks"
+  assert not (ROOT / "benchmarks" / "results").exists()

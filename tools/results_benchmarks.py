@@ -1,0 +1,221 @@
+"""The benchmarks' published runs, rendered: the README's benchmark block and the bilevel tables.
+
+Every number is read from `docs/results/<benchmark>/`; see tools/render_results.py.
+"""
+
+import json
+import statistics
+
+from tools._results import RESULTS
+from tools._results import load
+from tools._results import mebibytes
+from tools._results import seconds
+from tools._results import wall
+
+SPEED_COLUMNS = (
+  ("hand-written floor", "floor"),
+  ("`ih` Neumann", "ih Neumann(alpha)"),
+  ("`ih` Neumann, α=None", "ih Neumann(auto)"),
+  ("`ih` CG", "ih CG"),
+  ("jaxopt CG", "jaxopt CG"),
+  ("jaxopt normal CG", "jaxopt normal CG"),
+  ("unrolled 20 SGD steps", "unrolled 20 steps"),
+)
+
+
+def speed_table() -> str:
+  payload = load("speed", "speed.json")
+  rows = [
+    "| weights | " + " | ".join(label for label, _ in SPEED_COLUMNS) + " |",
+    "|---" * (len(SPEED_COLUMNS) + 1) + "|",
+  ]
+  for result in payload["results"]:
+    cells = []
+    for _, key in SPEED_COLUMNS:
+      value = result["seconds"].get(key)
+      cell = "n/a" if value is None else seconds(value)
+      if key == "ih Neumann(alpha)":
+        cell += f" ({result['ratio_to_floor'][key]:.2f}×)"
+      cells.append(cell)
+    rows.append(f"| {result['weights']:,} | " + " | ".join(cells) + " |")
+  largest = payload["results"][-1]
+  time = lambda key: largest["seconds"].get(key)  # noqa: E731
+  costs = [r["product_costs"] for r in payload["results"]]
+  slower = [
+    c["reverse-over-reverse"]["seconds"] / c["forward-over-reverse"]["seconds"] for c in costs
+  ]
+  auto = time("ih Neumann(auto)") / time("ih Neumann(alpha)")
+  note = "\n\n(× = median ratio to the floor within the same run.)"
+  if time("jaxopt CG"):
+    note += (
+      f" At {largest['weights']:,} weights the Neumann hypergradient takes"
+      f" {time('ih Neumann(alpha)') / time('jaxopt CG'):.2f}× jaxopt's CG time: jaxopt computes"
+      " each Hessian-vector product reverse-over-reverse, which on this machine takes"
+      f" {min(slower):.1f}-{max(slower):.1f}× as long for the same flops as the"
+      " forward-over-reverse product used here."
+    )
+  note += (
+    f" `alpha=None` costs {auto:.1f}× as much: it estimates λ_max at every call; cache the"
+    " step, as `ih.bilevel` does (`refresh_every`), or fix `alpha`."
+  )
+  return "\n".join(rows) + note
+
+
+def memory_line() -> str:
+  memory = load("memory", "memory.json")
+  by = {(r["method"], r["steps"]): r["xla_total_bytes"] for r in memory["results"]}
+  steps = sorted({s for _, s in by})
+  implicit = " / ".join(mebibytes(by["implicit", s]) for s in steps)
+  unrolled = " / ".join(mebibytes(by["unrolled", s]) for s in steps)
+  return (
+    f"- **Memory** (`python benchmarks/memory.py`): after T = {' / '.join(map(str, steps))}"
+    f" training steps the implicit hypergradient's compiled program needs {implicit};"
+    f" unrolled differentiation needs {unrolled} ({memory['weights']:,} weights)."
+  )
+
+
+def accuracy_line() -> str:
+  accuracy = {r["problem"]: r["curves"] for r in load("accuracy", "accuracy.json")["results"]}
+
+  def at(problem, method):
+    curve = accuracy[problem][method]
+    return " / ".join(f"{curve['relative_error'][curve['k'].index(k)]:.2g}" for k in (20, 100))
+
+  neumann = "Neumann(alpha=1/lambda_max)"
+  return (
+    "- **Accuracy** (`python benchmarks/accuracy.py`, float64, 640 hyperparameters on digits):"
+    f" relative error after K = 20 / 100 products: CG {at('ridge', 'CG')} (ridge) and"
+    f" {at('logistic', 'CG')} (logistic); Neumann {at('ridge', neumann)} (ridge) and"
+    f" {at('logistic', neumann)} (logistic). On convex problems CG is far better per product;"
+    " the K-term Neumann series is what the paper uses, and equals differentiating K unrolled"
+    " gradient steps from the optimum (Lorraine et al., Theorem 1)."
+  )
+
+
+def scale_line() -> str:
+  scale = load("scale", "scale.json")["results"]
+  big = [r for r in scale if r["hyperparameters"] >= 10**6] or scale
+  per_hparam = statistics.median(r["xla_total_bytes"] / r["hyperparameters"] for r in big)
+  sizes = ", ".join(
+    f"{r['hyperparameters']:,} hyperparameters in {seconds(r['seconds'])}"
+    f" ({r['seconds'] / r['gradient_seconds']:.0f} gradients' time)"
+    for r in big
+  )
+  return (
+    f"- **Scale** (`python benchmarks/scale.py`): one hypergradient of {sizes};"
+    f" XLA's memory analysis about {per_hparam:.0f} bytes per hyperparameter."
+  )
+
+
+BILEVEL_PROBLEMS = {
+  "quadratic": "quadratic bilevel problem with a known solution",
+  "logreg": "per-feature L2 logistic regression on MNIST-5k",
+  "cleaning": "hyper-cleaning on MNIST-5k",
+}
+
+
+def hit(reached: dict) -> str:
+  """Median seconds / evaluations to a target, or "not reached"."""
+  if reached.get("seconds") is None:
+    return "not reached"
+  return f"{seconds(reached['seconds'])} / {reached['evaluations']:,.0f}"
+
+
+def bilevel_tables() -> str:
+  """benchmarks/bilevel.py: one table per problem whose results are committed."""
+  parts = []
+  for problem, title in BILEVEL_PROBLEMS.items():
+    path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
+    if not path.exists():
+      parts.append(
+        f"**{title}**: not generated yet (`python -m tools.reproduce --only bilevel_{problem}`)."
+      )
+      continue
+    data = json.loads(path.read_text())
+    settings, results = data["settings"], data["results"]
+    reference = settings.get("reference")
+    extra = "final distance to λ*" if problem == "quadratic" else "final test accuracy"
+    headers = ["method", "outer step", "final F", extra, "time / evaluations to target"]
+    headers += ["seeds at target", "diverged"]
+    if reference:
+      headers.insert(6, f"time / evaluations to {reference[0]}")
+    rows = []
+    for method, r in results.items():
+      value = r.get("median_final_distance", r.get("median_final_test_acc"))
+      row = [method, f"{data['chosen_outer_lr'][method]:g}", f"{r['median_final_outer']:.4g}"]
+      row += [f"{value:.4g}", hit(r["time_to_target"])]
+      row += [f"{r['time_to_target']['seeds_reaching']}/{r['time_to_target']['seeds']}"]
+      if reference:
+        row.append(hit(r["time_to_reference"]))
+      rows.append(row + [str(r["diverged_seeds"])])
+    table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    table += ["| " + " | ".join(row) + " |" for row in rows]
+    start = data["runs"][next(iter(results))][0][0]["outer"]
+    ref = f"; {reference[0]}: F = {reference[1]:.4g}" if reference else ""
+    parts.append(
+      f"**{title}** (`python benchmarks/bilevel.py --problem {problem}`,"
+      f" {wall(f'bilevel_{problem}')}): {settings['budget']:,} evaluations per run, median over"
+      f" {len(settings['seeds'])} seeds; target F ≤ {settings['target']:.4g} from"
+      f" F = {start:.4g}{ref}.\n\n"
+      + "\n".join(table)
+      + f"\n\n![{problem}](../docs/results/bilevel_{problem}/bilevel_{problem}.png)"
+    )
+  return "\n\n".join(parts)
+
+
+def bilevel_line() -> str:
+  """The README's one line on benchmarks/bilevel.py: evaluations to target per method."""
+  cells = []
+  for problem in BILEVEL_PROBLEMS:
+    path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
+    if path.exists():
+      results = json.loads(path.read_text())["results"]
+      reached = ", ".join(
+        f"{m} {r['time_to_target']['evaluations']:,.0f}"
+        if r["time_to_target"].get("seconds") is not None
+        else f"{m} not reached"
+        for m, r in results.items()
+      )
+      cells.append(f"{problem}: {reached}")
+  if not cells:
+    return (
+      "- **Bilevel methods**: not generated yet (`python -m tools.reproduce --only bilevel_*`)."
+    )
+  return (
+    "- **Bilevel methods** (`python benchmarks/bilevel.py --problem quadratic|logreg|cleaning`):"
+    " Algorithm 1 with Neumann, CG and Nyström-preconditioned CG, SOBA, AmIGO and truncated"
+    " unrolled differentiation,"
+    " evaluations to the target outer loss (median of 5 seeds): "
+    + "; ".join(cells)
+    + ". Tables and curves: [benchmarks/README.md](benchmarks/README.md#bilevel-methods-bilevelpy)."
+  )
+
+
+def benchmark_lines() -> str:
+  """One line per benchmark; one not yet regenerated says how to regenerate it."""
+  lines = []
+  for name, line in (("memory", memory_line), ("accuracy", accuracy_line), ("scale", scale_line)):
+    if (RESULTS / name / f"{name}.json").exists():
+      lines.append(line())
+    else:
+      lines.append(
+        f"- **{name.title()}**: not regenerated yet (`python -m tools.reproduce --only {name}`)."
+      )
+  lines.append(bilevel_line())
+  return "\n".join(lines)
+
+
+def benchmarks_block() -> str:
+  machine = load("speed", "run.json")["machine"]
+  jax = load("speed", "speed.json")["machine"]["jax"]
+  return (
+    f"Measured on {machine['cpu']} ({machine['cores']} cores, shared with other jobs), jax {jax}"
+    " on CPU, float32 except `accuracy.py` (float64). Details, commands and plots:"
+    " [benchmarks/README.md](benchmarks/README.md); the files behind these numbers:"
+    " [docs/results/](docs/results/).\n\nOne hypergradient of an MLP with one weight decay per"
+    " weight, K = 20 Hessian-vector products, median of interleaved rounds"
+    ' (`pip install -e ".[bench]" && python benchmarks/speed.py`):\n\n'
+    + speed_table()
+    + "\n\n"
+    + benchmark_lines()
+  )
