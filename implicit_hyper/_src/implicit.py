@@ -7,7 +7,10 @@ from typing import Any
 import jax
 import optax.tree_utils as otu
 
+from implicit_hyper._src import differentiable
 from implicit_hyper._src import rule
+from implicit_hyper._src import rule_cache
+from implicit_hyper._src import signature
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
@@ -24,6 +27,7 @@ def implicit_argmin(
   *,
   solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
   has_aux: bool = False,
+  loss_has_aux: bool = False,
   on_failure: str = "warn",
   tol: float | None = None,
   stationarity_tol: float | None = trust.DEFAULT_STATIONARITY_TOL,
@@ -84,15 +88,18 @@ def implicit_argmin(
   call = "implicit_argmin"
   _check_callable(call, "inner_loss", inner_loss)
   solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
+  loss = validation.loss_value(call, "inner_loss", inner_loss, loss_has_aux)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
-    return jax.grad(inner_loss)(params, hparams, *args, **kwargs)
+    floating, constant = differentiable.partition(params)
+    value = lambda f: loss(differentiable.combine(f, constant), hparams, *args, **kwargs)
+    return jax.grad(value)(floating)
 
   def check(params: PyTree, hparams: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    validation.check_scalar_loss(call, "inner_loss", inner_loss, params, hparams, *args, **kwargs)
+    validation.check_scalar_loss(call, "inner_loss", loss, params, hparams, *args, **kwargs)
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
-  return _decorator(call, condition, check, solver, True, has_aux, checks)
+  return _decorator(call, inner_loss, condition, check, solver, True, has_aux, checks)
 
 
 def implicit_root(
@@ -148,12 +155,17 @@ def implicit_root(
   _check_callable(call, "optimality_fn", optimality_fn)
   solver = _base.as_solver(call, solver, BiCGStab(), symmetric=symmetric)
 
+  def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
+    return differentiable.like_floating(optimality_fn(params, hparams, *args, **kwargs), params)
+
   def check(params: PyTree, hparams: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    out = jax.eval_shape(optimality_fn, params, hparams, *args, **kwargs)
+    out = validation.eval_shape(
+      call, "optimality_fn", optimality_fn, params, hparams, *args, **kwargs
+    )
     validation.check_same_structure(call, "the output of `optimality_fn`", out, params, "params")
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
-  return _decorator(call, optimality_fn, check, solver, symmetric, has_aux, checks)
+  return _decorator(call, optimality_fn, condition, check, solver, symmetric, has_aux, checks)
 
 
 def implicit_fixed_point(
@@ -208,14 +220,17 @@ def implicit_fixed_point(
   _base.as_solver(call, solver, None, symmetric=False)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
-    return otu.tree_sub(params, fixed_point_fn(params, hparams, *args, **kwargs))
+    image = differentiable.like_floating(fixed_point_fn(params, hparams, *args, **kwargs), params)
+    return otu.tree_sub(differentiable.partition(params)[0], image)
 
   def check(params: PyTree, hparams: PyTree, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    out = jax.eval_shape(fixed_point_fn, params, hparams, *args, **kwargs)
+    out = validation.eval_shape(
+      call, "fixed_point_fn", fixed_point_fn, params, hparams, *args, **kwargs
+    )
     validation.check_same_structure(call, "the output of `fixed_point_fn`", out, params, "params")
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
-  return _decorator(call, condition, check, solver, False, has_aux, checks)
+  return _decorator(call, fixed_point_fn, condition, check, solver, False, has_aux, checks)
 
 
 def _check_callable(call: str, name: str, fn: object) -> None:
@@ -225,6 +240,7 @@ def _check_callable(call: str, name: str, fn: object) -> None:
 
 def _decorator(
   call: str,
+  user_fn: Callable[..., Any],
   condition: Callable[..., PyTree],
   check: Callable[[PyTree, PyTree, tuple[Any, ...], dict[str, Any]], None],
   solver: Any,
@@ -232,7 +248,12 @@ def _decorator(
   has_aux: bool,
   checks: trust.Checks,
 ) -> Callable[..., Callable[..., Any]]:
-  """The decorator shared by the three forms; `condition` is the F whose root is solved."""
+  """The decorator shared by the three forms; `condition` is the F whose root is solved.
+
+  `condition` takes the whole params and returns a tree like its floating leaves: the
+  other leaves (a PRNG key, a step counter) are constants of the theorem, as in `args`.
+  """
+  accepts = signature.keyword_filter(user_fn)
 
   def decorator(inner_solver: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
     if args or kwargs:
@@ -243,43 +264,57 @@ def _decorator(
       )
     if not callable(inner_solver):
       raise TypeError(f"`{call}(...)` decorates a callable inner solver, got {inner_solver!r}.")
+    names = signature.leading_names(inner_solver)
 
     @functools.wraps(inner_solver)
-    def wrapper(init_params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+      init_params, hparams, args, kwargs = signature.bind(call, names, args, kwargs)
       validation.check_float_tree(call, "hparams", hparams)
       validation.check_real_tree(call, "init_params", init_params)
-      report = trust.reporter(call, checks)
+      # Keywords the user's function does not take are the inner solver's settings alone.
+      loss_kwargs = {k: v for k, v in kwargs.items() if accepts(k)}
+      if init_params is not None:
+        check(init_params, hparams, args, loss_kwargs)
       out = inner_solver(
         *rule.stop_gradient_arrays((init_params, hparams, *args)),
         **rule.stop_gradient_arrays(kwargs),
       )
       params, aux = out if has_aux else (out, None)
       name = "the inner solver's output" + (" params" if has_aux else "")
-      validation.check_same_structure(call, name, params, init_params, "`init_params`")
-      check(params, hparams, args, kwargs)
+      if init_params is None:
+        check(params, hparams, args, loss_kwargs)
+      else:
+        validation.check_same_structure(call, name, params, init_params, "`init_params`")
+      floating, constant = differentiable.partition(params)
       # Static leaves (strings, Python ints) are bound; array leaves become inputs of the
       # rule, with the arrays the condition closes over hoisted after them.
-      leaves, treedef = jax.tree.flatten((args, kwargs))
+      leaves, treedef = jax.tree.flatten((constant, args, loss_kwargs))
       arrays = [x for x in leaves if rule.is_array(x)]
 
       def condition_of_arrays(p: PyTree, h: PyTree, *values: Any) -> PyTree:
         it = iter(values)
-        a, kw = jax.tree.unflatten(treedef, [next(it) if rule.is_array(x) else x for x in leaves])
-        return condition(p, h, *a, **kw)
+        c, a, kw = jax.tree.unflatten(
+          treedef, [next(it) if rule.is_array(x) else x for x in leaves]
+        )
+        return condition(differentiable.combine(p, c), h, *a, **kw)
 
-      converted, consts = jax.closure_convert(
-        lambda *xs: condition_of_arrays(*xs), params, hparams, *arrays
+      start = (
+        differentiable.zeros_like_floating(params)
+        if init_params is None
+        else differentiable.partition(init_params)[0]
       )
-      params = rule.implicit_solution(
-        converted,
-        params,
+      floating = rule_cache.implicit_solution(
+        condition_of_arrays,
+        floating,
         hparams,
-        (*arrays, *consts),
+        arrays,
+        call=call,
+        checks=checks,
         solver=solver,
         symmetric=symmetric,
-        report=report,
-        init_params=None if checks.stationarity_tol is None else init_params,
+        init_params=None if checks.stationarity_tol is None else start,
       )
+      params = differentiable.combine(floating, rule.stop_gradient_arrays(constant))
       return (params, rule.stop_gradient_arrays(aux)) if has_aux else params
 
     return wrapper

@@ -60,17 +60,76 @@ def check_same_structure(call: str, name: str, got: Any, expected: Any, expected
       )
 
 
+def eval_shape(
+  call: str, name: str, fn: Callable[..., Any], *example_args: Any, **example_kwargs: Any
+) -> Any:
+  """`jax.eval_shape` of a user's function; a failure is re-raised naming the arguments' shapes.
+
+  A hyperparameter of the wrong shape (5 decays for 10 weights) or a Python list where
+  the loss expects an array fails inside JAX; the message then names `hparams`.
+  """
+  try:
+    return jax.eval_shape(functools.partial(fn, **example_kwargs), *example_args)
+  except (TypeError, ValueError) as error:
+    params, hparams = (example_args + (None, None))[:2]
+    hint = ""
+    if any(isinstance(t, (list, tuple)) for t in (hparams, params)):
+      hint = (
+        " `hparams` (or `params`) is a Python list or tuple, a pytree of separate scalars:"
+        " pass `jnp.asarray(...)` where the function expects one array."
+      )
+    raise type(error)(
+      f"`{call}`: `{name}(params, hparams, ...)` fails on the given arguments, with params "
+      f"shaped {_shapes(params)} and hparams shaped {_shapes(hparams)}: check that `hparams` "
+      f"has the shapes `{name}` expects.{hint} The error: {error}"
+    ) from error
+
+
+def _shapes(tree: Any) -> Any:
+  def describe(x: Any) -> str:
+    try:
+      return str(jax.typeof(x).str_short())
+    except TypeError:
+      return type(x).__name__
+
+  return jax.tree.map(describe, tree)
+
+
+def loss_value(
+  call: str, name: str, loss_fn: Callable[..., Any], has_aux: bool
+) -> Callable[..., Any]:
+  """`loss_fn`, or its first output when it returns ``(loss, aux)`` (``loss_has_aux=True``)."""
+  if not has_aux:
+    return loss_fn
+
+  def value(*args: Any, **kwargs: Any) -> Any:
+    out = loss_fn(*args, **kwargs)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+      raise TypeError(
+        f"`{call}(loss_has_aux=True)`: `{name}` must return a pair `(loss, aux)`, got "
+        f"{type(out).__name__}."
+      )
+    return out[0]
+
+  return value
+
+
 def check_scalar_loss(
   call: str, name: str, loss_fn: Callable[..., Any], *example_args: Any, **example_kwargs: Any
 ) -> None:
   """Raises `ValueError` unless `loss_fn(*example_args, **example_kwargs)` is a real scalar."""
-  out = jax.eval_shape(functools.partial(loss_fn, **example_kwargs), *example_args)
+  out = eval_shape(call, name, loss_fn, *example_args, **example_kwargs)
   if not (hasattr(out, "shape") and out.shape == () and jnp.issubdtype(out.dtype, jnp.floating)):
+    aux_hint = (
+      " For a loss that returns `(loss, aux)`, pass `loss_has_aux=True`."
+      if isinstance(out, (tuple, list))
+      else ""
+    )
     raise ValueError(
       f"`{call}`: `{name}` must return a real scalar, got "
       f"{getattr(out, 'shape', type(out))} {getattr(out, 'dtype', '')}.".rstrip()
-      + " "
-      "Reduce it, e.g. with `jnp.mean`."
+      + " Reduce it, e.g. with `jnp.mean`."
+      + aux_hint
     )
 
 
