@@ -25,6 +25,7 @@ def bome(
   *,
   inner_lr: float,
   outer_lr: float,
+  weights_lr: float | None = None,
   inner_steps: int = 10,
   eta: float = 0.5,
   hparam_transform: Any = None,
@@ -38,7 +39,7 @@ def bome(
 
   .. math::
     (\theta, \lambda) \leftarrow (\theta, \lambda)
-      - (\rho, \gamma) \odot (\nabla L_V + \mu \nabla q), \quad
+      - (\xi, \gamma) \odot (\nabla L_V + \mu \nabla q), \quad
     \mu = \max\Bigl(\frac{\eta \|\nabla q\|^2 - \langle \nabla L_V, \nabla q \rangle}
       {\|\nabla q\|^2}, 0\Bigr),
 
@@ -51,8 +52,10 @@ def bome(
   Args:
     inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *args)`` -> scalar validation loss.
-    inner_lr: rho, the SGD step of :math:`\theta_T` and the step of :math:`\theta`.
-    outer_lr: gamma, the step of the hyperparameters.
+    inner_lr: the SGD step of the `inner_steps` steps that give :math:`\theta_T`.
+    outer_lr: gamma, the step of the hyperparameters in the joint update.
+    weights_lr: xi, the step of the weights in the joint update; `outer_lr` when None
+      (the paper's one step for both).
     inner_steps: T; `step`'s ``inner_args`` leaves lead with this axis, one minibatch
       per step of :math:`\theta_T`; q and its gradient use the last one.
     eta: the paper's eta (positive); larger values weight the constraint more.
@@ -66,7 +69,8 @@ def bome(
     First-Order Approach", NeurIPS 2022. https://arxiv.org/abs/2209.08709
   """
   call = "bome"
-  for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
+  weights_lr = outer_lr if weights_lr is None else weights_lr
+  for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr), ("weights_lr", weights_lr)):
     _base.check_nonnegative(call, name, value)
   _base.check_int(call, "inner_steps", inner_steps, minimum=1)
   if not eta > 0:
@@ -109,7 +113,7 @@ def bome(
     )
     d_theta, d_raw = otu.tree_add_scale(grad_f, multiplier, grad_q)
     finite = _base.tree_all_finite(d_theta)
-    moved = otu.tree_where(finite, otu.tree_add_scale(theta, -inner_lr, d_theta), theta)
+    moved = otu.tree_where(finite, otu.tree_add_scale(theta, -weights_lr, d_theta), theta)
     update = _common.Update(
       params=moved,
       inner_opt_state=(),
@@ -124,6 +128,9 @@ def bome(
     )
     return _common.finish(state, outer_optimizer, update)
 
-  settings = dict(inner_lr=inner_lr, outer_lr=outer_lr, inner_steps=inner_steps, eta=eta)
+  settings = dict(
+    inner_lr=inner_lr, outer_lr=outer_lr, weights_lr=weights_lr, inner_steps=inner_steps
+  )
+  settings["eta"] = eta
   config = _common.config(call, **settings, hparam_transform=repr(hparam_transform))
   return Bilevel(init, step, constrain, config)
