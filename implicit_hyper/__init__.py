@@ -14,7 +14,11 @@ from implicit_hyper._src.methods._common import Bilevel as Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics as BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState as BilevelState
 from implicit_hyper._src.methods.amigo import amigo as amigo
+from implicit_hyper._src.methods.bome import bome as bome
+from implicit_hyper._src.methods.f2sa import F2SAState as F2SAState
+from implicit_hyper._src.methods.f2sa import f2sa as f2sa
 from implicit_hyper._src.methods.implicit import bilevel as bilevel
+from implicit_hyper._src.methods.sama import sama as sama
 from implicit_hyper._src.methods.soba import soba as soba
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
