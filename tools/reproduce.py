@@ -207,6 +207,13 @@ RUNS = [
     )
     for problem in ("quadratic", "logreg", "cleaning")
   ),
+  Run("overhead", "benchmarks/overhead.py", files={"overhead.json": BENCHMARK}, published=False),
+  Run(
+    "search",
+    "benchmarks/search.py",
+    files={"search.json": BENCHMARK, "search.png": ()},
+    published=False,
+  ),
 ]
 
 
