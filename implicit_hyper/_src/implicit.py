@@ -14,9 +14,8 @@ from implicit_hyper._src import signature
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
-from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
-from implicit_hyper._src.solvers._base import Solver
+from implicit_hyper._src.solvers._base import SolverLike
 from implicit_hyper._src.solvers.bicgstab import BiCGStab
 from implicit_hyper._src.solvers.neumann import Neumann
 from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
@@ -25,7 +24,7 @@ from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarni
 def implicit_argmin(
   inner_loss: Callable[..., Any],
   *,
-  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  solver: "SolverLike | None" = None,
   has_aux: bool = False,
   loss_has_aux: bool = False,
   on_failure: str = "warn",
@@ -105,7 +104,7 @@ def implicit_argmin(
 def implicit_root(
   optimality_fn: Callable[..., PyTree],
   *,
-  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  solver: "SolverLike | None" = None,
   has_aux: bool = False,
   symmetric: bool = False,
   on_failure: str = "warn",
@@ -171,7 +170,7 @@ def implicit_root(
 def implicit_fixed_point(
   fixed_point_fn: Callable[..., PyTree],
   *,
-  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  solver: "SolverLike | None" = None,
   has_aux: bool = False,
   on_failure: str = "warn",
   tol: float | None = None,

@@ -18,9 +18,9 @@ from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
 from implicit_hyper._src.solvers import _base
-from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import Solver
+from implicit_hyper._src.solvers._base import SolverLike
 from implicit_hyper._src.solvers.neumann import Neumann
 
 METHODS = ("implicit", "unrolled")
@@ -33,7 +33,7 @@ def bilevel(
   outer_optimizer: optax.GradientTransformation,
   *,
   inner_steps: int = 1,
-  solver: Solver | Callable[[Matvec, PyTree], PyTree] | None = None,
+  solver: "SolverLike | None" = None,
   method: str = "implicit",
   hparam_transform: Any = None,
   optimizer_hparams: tuple[str, ...] = (),
