@@ -25,6 +25,7 @@ from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
 from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient
 from implicit_hyper._src.solvers._base import LinearSolver as LinearSolver
 from implicit_hyper._src.solvers._base import SolveInfo as SolveInfo
+from implicit_hyper._src.solvers._base import SolverLike as SolverLike
 from implicit_hyper._src.solvers._base import solver_pytree as solver_pytree
 from implicit_hyper._src.solvers.bicgstab import BiCGStab as BiCGStab
 from implicit_hyper._src.solvers.cg import CG as CG

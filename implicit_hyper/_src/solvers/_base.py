@@ -156,6 +156,13 @@ class Solver(Protocol):
   ) -> tuple[PyTree, SolveInfo, Any]: ...
 
 
+SolverLike: TypeAlias = Solver | Callable[[Matvec, PyTree], PyTree]
+"""What every ``solver=`` argument takes: a solver object (`ih.Neumann()`, `ih.CG()`, ...: any
+object with `init` and `solve`) or a plain function ``solve(matvec, b) -> x`` such as jaxopt's
+``linear_solve.solve_cg``. The signatures name it ``"SolverLike | None"`` (a string), so that
+``help()`` shows this name rather than the union it stands for."""
+
+
 def with_ridge(matvec: Matvec, ridge: float | jax.Array) -> Matvec:
   """Returns ``x -> matvec(x) + ridge * x`` (`matvec` itself for a Python zero)."""
   if isinstance(ridge, numbers.Real) and ridge == 0:
