@@ -214,7 +214,7 @@ def benchmarks_block() -> str:
     " [benchmarks/README.md](benchmarks/README.md); the files behind these numbers:"
     " [docs/results/](docs/results/).\n\nOne hypergradient of an MLP with one weight decay per"
     " weight, K = 20 Hessian-vector products, median of interleaved rounds"
-    ' (`pip install -e ".[bench]" && python benchmarks/speed.py`):\n\n'
+    ' (`pip install -e ".[bench]" && python -m tools.reproduce --only speed`):\n\n'
     + speed_table()
     + "\n\n"
     + benchmark_lines()
