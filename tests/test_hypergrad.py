@@ -216,3 +216,46 @@ def test_diverging_solve_warns_by_default_raises_when_asked_and_is_reported_with
     RIDGE.inner_loss, RIDGE.outer_loss, w, RIDGE.lam, solver=DIVERGING, **args
   )
   assert bool(info.diverged)
+
+
+def _ridge_info(inner, outer, w, **kwargs):
+  return ih.hypergrad_with_info(
+    inner,
+    outer,
+    w,
+    RIDGE.lam,
+    inner_args=(RIDGE.x, RIDGE.y),
+    outer_args=(RIDGE.x_val, RIDGE.y_val),
+    solver=ih.Direct(),
+    **kwargs,
+  )[1]
+
+
+def test_stationarity_is_the_relative_residual_of_the_normal_equations_on_ridge():
+  rhs = RIDGE.x.T @ RIDGE.y / RIDGE.x.shape[0]
+  for w in (RIDGE.argmin(RIDGE.lam), 0.5 * RIDGE.argmin(RIDGE.lam), jnp.zeros(RIDGE.d)):
+    expected = jnp.linalg.norm(RIDGE.hessian(RIDGE.lam) @ w - rhs) / jnp.linalg.norm(rhs)
+    got = _ridge_info(RIDGE.inner_loss, RIDGE.outer_loss, w).stationarity
+    np.testing.assert_allclose(got, expected, rtol=1e-10, atol=1e-14)
+
+
+def test_swapped_losses_show_in_stationarity_and_are_flagged_only_when_asked():
+  """`hypergrad(outer, inner, ...)` at the argmin of the real inner loss: far from stationary."""
+  w = RIDGE.argmin(RIDGE.lam)
+  assert float(_ridge_info(RIDGE.inner_loss, RIDGE.outer_loss, w).stationarity) < 1e-12
+  assert float(_ridge_info(RIDGE.outer_loss, RIDGE.inner_loss, w).stationarity) > 0.1
+  swapped = lambda **kw: ih.hypergrad(
+    RIDGE.outer_loss,
+    RIDGE.inner_loss,
+    w,
+    RIDGE.lam,
+    inner_args=(RIDGE.x, RIDGE.y),
+    outer_args=(RIDGE.x_val, RIDGE.y_val),
+    solver=ih.Direct(),
+    **kw,
+  )
+  swapped()  # an iterate of training by design: reported, not flagged (warnings are errors)
+  with pytest.warns(ih.HypergradientWarning, match="relative stationarity"):
+    swapped(stationarity_tol=1e-2)
+  with pytest.raises(ValueError, match=r"`hypergrad\(stationarity_tol=...\)`"):
+    swapped(stationarity_tol=-1.0)

@@ -51,17 +51,24 @@ def hypergrad(
   Args:
     inner_loss: ``inner_loss(params, hparams, *inner_args)`` -> scalar (training).
     outer_loss: ``outer_loss(params, hparams, *outer_args)`` -> scalar (validation).
-    params: the inner parameters at which to evaluate (a pytree).
+    params: the inner parameters at which to evaluate (a pytree). Leaves that are not
+      floating point (a PRNG key, a step counter) are constants.
     hparams: the hyperparameters (a pytree of floating-point arrays).
     inner_args: extra positional arguments of `inner_loss` (e.g. a training batch).
     outer_args: extra positional arguments of `outer_loss` (a validation batch).
     solver: a linear solver, or a function ``solve(matvec, b) -> x``; `ih.Neumann()`
       when None.
+    loss_has_aux: both losses return ``(loss, aux)``; `aux` is discarded.
     on_failure: "warn", "raise" or "ignore" when the solve diverges or the
       hypergradient is not finite (see `implicit_argmin`; the point is the current
       iterate of training by design, so neither its stationarity nor its curvature is
-      checked: `SolveInfo` reports both);
+      checked unless asked: `SolveInfo` reports both);
       `hypergrad_with_info` returns the `SolveInfo` instead.
+    stationarity_tol: also flag ``params`` whose relative stationarity (see
+      `hypergrad_with_info`) exceeds this, as the decorators do; None (the default)
+      reports it without flagging, since an iterate of training is not stationary by
+      design. Set it when ``params`` is meant to be the inner solution: swapped losses,
+      ``hypergrad(outer, inner, ...)``, then show up as a stationarity of order one.
 
   Returns:
     The hypergradient, shaped like ``hparams``.
@@ -105,7 +112,7 @@ def hypergrad_with_info(
   solver_state: Any = None,
   loss_has_aux: bool = False,
 ) -> tuple[PyTree, SolveInfo, Any]:
-  """`hypergrad` that also returns the solve's `SolveInfo` and the solver's new state.
+  r"""`hypergrad` that also returns the solve's `SolveInfo` and the solver's new state.
 
   The adjoint system ``H u = dL_V/d params`` is solved with `solver` from
   `solver_state` (None: a fresh state; pass the returned one back to reuse what the
@@ -113,6 +120,13 @@ def hypergrad_with_info(
   one mixed product gives the hypergradient: the two steps that JAX performs when it
   transposes the rule of `implicit_argmin`, written out so that the diagnostics and the
   state come back as values (e.g. for `ih.bilevel`'s divergence guard).
+
+  `info.stationarity` is :math:`\|\nabla_\theta L_T(\theta)\| / \|\nabla_\theta
+  L_T(0)\|` at ``params``: 0 at the inner solution, 1 at zero weights, and for a
+  quadratic the relative residual of the normal equations, as the decorators report
+  it (they measure from ``init_params`` instead of zero). It costs one gradient more
+  than the solve. A value of order one at what should be the inner solution means it
+  is not: most often the two losses or ``(params, hparams)`` are in the wrong order.
 
   Returns:
     ``(hypergradient, info, solver_state)``; `info.diverged` also flags a non-finite

@@ -135,9 +135,34 @@ def check_args(
       )
 
 
+def check_rates(call: str, **rates: float | jax.Array | None) -> None:
+  """Raises when a concrete step size is negative or NaN (None: not given)."""
+  for name, rate in rates.items():
+    if rate is not None:
+      _base.check_nonnegative(call, name, rate)
+
+
 def strongly_typed(tree: PyTree) -> PyTree:
   """Arrays with fixed dtypes, so that the jitted step sees the same types every call."""
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
+
+
+def initial_state(
+  params: PyTree,
+  hparams: PyTree,
+  optimizers: tuple[optax.GradientTransformation, optax.GradientTransformation],
+  method_state: Any,
+) -> BilevelState:
+  """The `BilevelState` at step 0 with the two optimisers' initial states."""
+  return BilevelState(
+    params=params,
+    hparams=hparams,
+    inner_opt_state=optimizers[0].init(params),
+    outer_opt_state=optimizers[1].init(hparams),
+    method_state=method_state,
+    step=jnp.zeros((), jnp.int32),
+    num_skipped=jnp.zeros((), jnp.int32),
+  )
 
 
 def check_hparams(call: str, hparams: PyTree, constrain: Callable[[PyTree], PyTree]) -> PyTree:
@@ -178,6 +203,24 @@ def optimizer_update(
   if isinstance(optimizer, optax.GradientTransformationExtraArgs):
     return optimizer.update(grads, opt_state, params, value=value, grad=grads, value_fn=value_fn)
   return optimizer.update(grads, opt_state, params)
+
+
+def inner_oracles(
+  inner_loss: Callable[..., Any], params: PyTree, raw: PyTree, args: Sequence[Any], u: PyTree
+) -> tuple[jax.Array, PyTree, PyTree, PyTree]:
+  """``(L_T, grad_theta L_T, H u, (d^2 L_T / d lambda d theta)^T u)`` from one VJP of the gradient.
+
+  `inner_loss` takes ``(params, raw, *args)``: the last product is with respect to the raw
+  hyperparameters. The stochastic methods' three inner oracles at one point and batch.
+  """
+
+  def gradient(p: PyTree, r: PyTree) -> tuple[PyTree, jax.Array]:
+    value, grad = jax.value_and_grad(inner_loss)(p, r, *args)
+    return grad, value
+
+  grad, vjp, value = jax.vjp(gradient, params, raw, has_aux=True)
+  hvp, cross = vjp(u)
+  return value, grad, hvp, cross
 
 
 def no_solve() -> SolveInfo:
