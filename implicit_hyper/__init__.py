@@ -18,8 +18,13 @@ from implicit_hyper._src.methods.bome import bome as bome
 from implicit_hyper._src.methods.f2sa import F2SAState as F2SAState
 from implicit_hyper._src.methods.f2sa import f2sa as f2sa
 from implicit_hyper._src.methods.implicit import bilevel as bilevel
+from implicit_hyper._src.methods.saba import SABAState as SABAState
+from implicit_hyper._src.methods.saba import saba as saba
 from implicit_hyper._src.methods.sama import sama as sama
 from implicit_hyper._src.methods.soba import soba as soba
+from implicit_hyper._src.methods.srba import SRBAState as SRBAState
+from implicit_hyper._src.methods.srba import srba as srba
+from implicit_hyper._src.methods.stocbio import stocbio as stocbio
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
 from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient
