@@ -10,7 +10,8 @@ or when a page has a block that `BLOCKS` does not know, so a number on a page ca
 run that produced it. The functions live by page: tools/results_examples.py (the README's
 table), tools/results_gallery.py (docs/examples.md), tools/results_benchmarks.py (the README's
 benchmarks, the bilevel tables), tools/results_benchmark_tables.py (benchmarks/README.md) and
-tools/results_pages.py (concepts, guides, the solver choice).
+tools/results_pages.py (concepts, the solver choice) and tools/results_guides.py (the guides
+and the blocks offered to pages that do not carry their markers yet, `OFFERED`).
 """
 
 import argparse
@@ -21,6 +22,7 @@ from pathlib import Path
 
 from tools import results_benchmark_tables as tables
 from tools import results_gallery as gallery
+from tools import results_guides as guides
 from tools import results_pages as pages
 from tools._results import README
 from tools._results import RESULTS
@@ -92,11 +94,19 @@ BLOCKS = {
   },
   DOCS / "concepts" / "theorem.md": {"rule-speed": pages.rule_speed},
   DOCS / "guides" / "per-weight-decay.md": {
-    "results": pages.guide_per_weight_decay,
-    "scale": pages.guide_scale,
+    "results": guides.guide_per_weight_decay,
+    "scale": guides.guide_scale,
   },
-  DOCS / "guides" / "dataset-distillation.md": {"results": pages.guide_distillation},
-  DOCS / "guides" / "imaml.md": {"results": pages.guide_imaml},
+  DOCS / "guides" / "dataset-distillation.md": {"results": guides.guide_distillation},
+  DOCS / "guides" / "imaml.md": {"results": guides.guide_imaml},
+}
+
+# Rendering functions ready for pages whose owners have not yet put the markers in: move an
+# entry into BLOCKS when its page carries `<!-- NAME:begin -->` / `<!-- NAME:end -->`.
+OFFERED = {
+  DOCS / "migrating-from-jaxopt.md": {"speed": guides.migration_speed},
+  DOCS / "concepts" / "online-loop.md": {"quickstart-run": guides.online_loop_quickstart},
+  DOCS / "guides" / "learned-augmentation.md": {"results": guides.guide_augmentation},
 }
 
 

@@ -6,7 +6,6 @@ Each function returns one `<!-- NAME:begin -->` block; every number is read from
 
 from tools._results import error
 from tools._results import load
-from tools._results import per_step
 from tools._results import ratio_range
 from tools._results import sci
 from tools._results import seconds
@@ -258,59 +257,3 @@ def bilevel_choice() -> str:
     rows.append(f"| {title} | {ordered} | {', '.join(never) or 'none'} |")
   budget = load("bilevel_logreg", "bilevel_logreg.json")["settings"]["budget"]
   return "\n".join(rows) + f"\n\n(Logistic regression: a budget of {budget:,} evaluations per run.)"
-
-
-def guide_per_weight_decay() -> str:
-  d, million, mnist = load("overfit_validation"), load("overfit_million"), load("overfit_mnist")
-  return (
-    "With as many hyperparameters as weights, the validation set is fitted almost as a"
-    " training set would be. `examples/overfit_validation.py` makes the point of the paper:"
-    f" an MLP with {d['num_hyperparams']:,} weights and as many decays, 50 training and 50"
-    " validation digits. In its published default run validation accuracy climbs from"
-    f" {d['untuned_val_acc']:.2f} to {d['val_acc']:.2f} while test accuracy rises less, from"
-    f" {d['untuned_test_acc']:.3f} to {d['test_acc']:.3f} ([gallery](../examples.md), with"
-    f" the other seeds). With `--width 1000` it tunes {million['num_hyperparams']:,} decays at"
-    f" {per_step([million['seconds_per_hyper_step']])} per hyper step on 2 CPU cores; on MNIST"
-    f" (`--dataset mnist`, one hidden layer) `--width 1000` gives {mnist['num_hyperparams']:,}"
-    f" decays at {per_step([mnist['seconds_per_hyper_step']])} per hyper step, validation accuracy"
-    f" {mnist['untuned_val_acc']:.2f} → {mnist['val_acc']:.2f} and test accuracy"
-    f" {mnist['untuned_test_acc']:.3f} → {mnist['test_acc']:.3f}."
-  )
-
-
-def guide_scale() -> str:
-  largest = load("scale", "scale.json")["results"][-1]
-  return (
-    "- **Memory and time** are those of about K + 2 gradients per hyper step (K Neumann"
-    " terms), independent of the number of hyperparameters beyond storing them"
-    f" (`benchmarks/scale.py`: {largest['hyperparameters']:,} hyperparameters in"
-    f" {seconds(largest['seconds'])} per hypergradient on CPU,"
-    f" {largest['seconds'] / largest['gradient_seconds']:.0f} gradients' time,"
-    f" {largest['xla_total_bytes'] / largest['hyperparameters']:.0f} bytes per hyperparameter in"
-    " XLA's memory analysis)."
-  )
-
-
-def guide_distillation() -> str:
-  d, mnist = load("dataset_distillation"), load("dataset_distillation_mnist")
-  return (
-    "`examples/dataset_distillation.py` is the full experiment (Newton-CG inner solver, an MLP"
-    " option, five draws of random real images as a baseline): test accuracy"
-    f" {d['distilled_test_acc']:.3f} against {d['class_mean_test_acc']:.3f} for the class means"
-    f" and {d['random_real_test_acc']:.3f} for ten random real digits in its published run; on"
-    f" MNIST (`--dataset mnist`, {mnist['num_hyperparams']:,} hyperparameters)"
-    f" {mnist['distilled_test_acc']:.3f} against {mnist['class_mean_test_acc']:.3f} and"
-    f" {mnist['random_real_test_acc']:.3f} ([gallery](../examples.md))."
-  )
-
-
-def guide_imaml() -> str:
-  m = load("imaml_sinusoid")
-  return (
-    "`examples/imaml_sinusoid.py` is the full experiment (an MLP, 25 tasks per meta-batch,"
-    f" {m['meta_steps']:,} meta-steps): in its published run, query MSE {m['imaml_mse']:.3f} on"
-    f" {m['eval_tasks']:,} held-out tasks against {m['pretrain_mse']:.3f} for the same network"
-    " pretrained on the pooled tasks and adapted the same way ([gallery](../examples.md)); its"
-    " backward CG met negative curvature in"
-    f" {100 * m['cg_breakdown_fraction']:.1f}% of the task solves."
-  )
