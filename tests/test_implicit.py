@@ -321,3 +321,56 @@ def test_bad_decorator_arguments_are_rejected():
     ih.implicit_argmin(RIDGE.inner_loss, solver="cg")
   with pytest.raises(ValueError, match=r"on_failure=...\)` must be one of"):
     ih.implicit_argmin(RIDGE.inner_loss, on_failure="explode")
+
+
+class TemporalDifference:
+  """Linear TD(0) with a ridge: the loss stops the gradient through its bootstrapped target.
+
+  Semi-gradient descent on ``L(w) = |X w - stop_gradient(r + gamma X' w)|^2 / (2n) +
+  lam |w|^2 / 2`` converges to the root of ``F(w) = X^T (X w - r - gamma X' w) / n + lam w``,
+  ``w* = (X^T (X - gamma X') / n + lam I)^{-1} X^T r / n``, but the derivative of
+  ``grad L`` misses the target's dependence on w: the theorem needs dF/dw.
+  """
+
+  def __init__(self, n=50, d=5, gamma=0.9, seed=1):
+    rng = np.random.default_rng(seed)
+    self.x = jnp.asarray(rng.normal(size=(n, d)))
+    self.x_next = jnp.asarray(rng.normal(size=(n, d)))
+    self.r = jnp.asarray(rng.normal(size=n))
+    self.gamma, self.d, self.lam = gamma, d, jnp.asarray(0.3)
+
+  def loss(self, w, lam):
+    target = jax.lax.stop_gradient(self.r + self.gamma * self.x_next @ w)
+    return 0.5 * jnp.mean((self.x @ w - target) ** 2) + 0.5 * lam * jnp.sum(w**2)
+
+  def condition(self, w, lam):
+    n = self.x.shape[0]
+    return self.x.T @ (self.x @ w - self.r - self.gamma * self.x_next @ w) / n + lam * w
+
+  def solution(self, w0, lam):
+    n = self.x.shape[0]
+    a = self.x.T @ (self.x - self.gamma * self.x_next) / n + lam * jnp.eye(self.d)
+    return jnp.linalg.solve(a, self.x.T @ self.r / n)
+
+
+TD = TemporalDifference()
+
+
+def _td_value(solve):
+  return jax.grad(lambda lam: jnp.sum(solve(jnp.zeros(TD.d), lam) ** 2))(TD.lam)
+
+
+def test_stop_gradient_target_is_exact_through_implicit_root_with_the_condition_written_out():
+  exact = _td_value(TD.solution)
+  np.testing.assert_allclose(
+    jnp.linalg.norm(TD.condition(TD.solution(None, TD.lam), TD.lam)), 0.0, atol=1e-12
+  )
+  got = _td_value(ih.implicit_root(TD.condition, solver=ih.Direct())(TD.solution))
+  np.testing.assert_allclose(got, exact, rtol=1e-10)
+
+
+def test_stop_gradient_target_through_implicit_argmin_is_wrong_as_documented():
+  """The documented limit: the stopped expression's derivative is not the condition's."""
+  exact = _td_value(TD.solution)
+  got = _td_value(ih.implicit_argmin(TD.loss, solver=ih.Direct())(TD.solution))
+  assert abs(float(got - exact)) > 0.02 * abs(float(exact))  # 5.0% off here
