@@ -50,11 +50,32 @@ def implicit_argmin(
   The theorem assumes ``solve`` reaches the unique minimum of a locally strongly convex
   `inner_loss`.
 
+  How a call is split, as jaxopt allows it:
+
+  - ``init_params`` may be None for an inner solver that ignores it (a closed form);
+    stationarity is then measured from zero.
+  - ``hparams`` may be given by keyword under the name of the inner solver's second
+    parameter: ``ridge(None, l2reg=1.0, data=(x, y))``.
+  - Keyword arguments reach the inner solver as given, and `inner_loss` only those its
+    signature accepts (all of them if it takes ``**kwargs``): a setting for the solver
+    alone, such as ``steps=100``, is a keyword the loss does not name. Those get no
+    derivative.
+  - Leaves of the solution that are not floating point (a PRNG key, typed or
+    ``uint32``; a step counter) are constants: returned as the inner solver gave them.
+
+  A loss with `jax.lax.stop_gradient` inside it (a bootstrapped TD target, a
+  stop-gradient EMA teacher) gives a wrong hypergradient, even with `ih.Direct()`: the
+  inner solver stops where the stopped gradient vanishes, but the derivative of that
+  stopped gradient is not the derivative of the condition it solves. Write the
+  condition out without `stop_gradient` and use `implicit_root` (see the FAQ).
+
   Args:
     inner_loss: ``inner_loss(params, hparams, *args, **kwargs)`` -> scalar.
     solver: a linear solver for ``H u = v``, or a function ``solve(matvec, b) -> x``;
       `ih.Neumann()` when None.
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
+    loss_has_aux: `inner_loss` returns ``(loss, aux)``, as for
+      ``jax.value_and_grad(has_aux=True)``; `aux` is ignored here.
     on_failure: what to do when a derivative is not to be trusted: the backward solve
       diverged, saw negative curvature or missed `tol`, or the inner solution is not
       stationary: "warn" (a `HypergradientWarning` at the caller's line), "raise" (a
@@ -124,6 +145,10 @@ def implicit_root(
   alpha) are rejected unless ``symmetric=True``. For a fixed point ``theta = T(theta)``
   use `implicit_fixed_point`.
 
+  The call is split as in `implicit_argmin` (``init_params=None``, ``hparams`` by
+  keyword, solver-only keywords, non-floating leaves of params as constants, whose
+  entries in F's output are ignored).
+
   Args:
     optimality_fn: ``F(params, hparams, *args, **kwargs)``, a pytree shaped like params.
     solver: a linear solver, or a function ``solve(matvec, b) -> x``; `ih.BiCGStab()`
@@ -187,6 +212,9 @@ def implicit_fixed_point(
   series :math:`u = \sum_k (J^T)^k \bar\theta` (step 1), as in deep equilibrium models; it
   converges when T is a contraction and reports divergence otherwise. Proximal-gradient
   and other fixed-point maps of non-smooth problems (lasso) are differentiated this way.
+
+  The call is split as in `implicit_argmin`; non-floating leaves of params (a PRNG
+  key) are constants, whatever T returns for them.
 
   Args:
     fixed_point_fn: ``T(params, hparams, *args, **kwargs)``, a pytree shaped like params.
