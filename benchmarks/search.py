@@ -538,7 +538,8 @@ def plot(summary, runs, path: Path) -> None:
         color=color,
         alpha=0.2,
       )
-    ax.set_title(f"{row['problem']} ({row['hyperparameters']:,} hyperparameters)", fontsize=9)
+    count = row["hyperparameters"]
+    ax.set_title(f"{row['problem']} ({count:,} hyperparameter{'s' * (count > 1)})", fontsize=9)
     ax.set_xlabel("wall time (s)")
     ax.set_ylabel("best validation loss")
     ax.set_yscale("log")
