@@ -264,13 +264,12 @@ def finish(
 ) -> tuple[BilevelState, BilevelMetrics]:
   """The outer update with the divergence guard, the new state and the metrics.
 
-  A step whose hypergradient is not finite, or that the method flagged, leaves the
+  A step whose hypergradient or outer update is not finite, or that the method flagged, leaves the
   hyperparameters and outer state unchanged, puts `update.method_state_if_skipped` in
   place of the method's state, and is counted.
   """
   raw = state.hparams
   grads = update.grads
-  skipped = jnp.asarray(update.flagged) | ~_base.tree_all_finite(grads)
   updates, outer_state = optimizer_update(
     outer_optimizer,
     grads,
@@ -279,6 +278,9 @@ def finish(
     value=update.outer_loss,
     value_fn=update.outer_value_fn,
   )
+  # An optimiser can overflow on finite gradients (its own step-size estimate): skip that too.
+  finite = _base.tree_all_finite(grads) & _base.tree_all_finite(updates)
+  skipped = jnp.asarray(update.flagged) | ~finite
   hparams, outer_state, method_state = otu.tree_where(
     skipped,
     (raw, state.outer_opt_state, update.method_state_if_skipped),
