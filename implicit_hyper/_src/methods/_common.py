@@ -58,10 +58,11 @@ class BilevelMetrics(NamedTuple):
       hyperparameters.
     residual_norm: relative residual of the linear solve (0 for a method without one).
     solver_steps: iterations of the linear solve (0 for a method without one).
-    stationarity: how far the weights are from stationary for the training loss, as
-      `SolveInfo.stationarity` reports it (NaN where the method does not measure it). It
-      stays high when the inner optimiser's fixed point is not the training argmin
-      (``optax.adamw``'s own weight decay).
+    stationarity: ``||grad L_T(theta)|| / ||grad L_T(0)||`` on the last training batch at
+      the weights where the hypergradient is taken (`SolveInfo.stationarity`); NaN where
+      the method does not measure it (`ih.saba`, `ih.srba`, `ih.stocbio`). It stays high
+      when the inner optimiser's fixed point is not the training argmin (``optax.adamw``'s
+      own weight decay).
     negative_curvature: whether the solve saw a non-positive curvature ``v^T H v``.
     skipped: whether the divergence guard skipped this hyper step.
     num_skipped: hyper steps skipped so far.
