@@ -40,11 +40,11 @@ def best_decay():
 
 
 def run(loop, hparams, steps, outer_args=(XV, YV)):
+  """`steps` hyper steps in one compiled scan; the last step's metrics."""
   state = loop.init(jnp.zeros(D), hparams)
-  step = jax.jit(loop.step)
-  for _ in range(steps):
-    state, metrics = step(state, INNER_ARGS, outer_args)
-  return state, metrics
+  scan = lambda s: jax.lax.scan(lambda s, _: loop.step(s, INNER_ARGS, outer_args), s, length=steps)
+  state, metrics = jax.jit(scan)(state)
+  return state, jax.tree.map(lambda m: m[-1], metrics)
 
 
 # Issue 17.8: prodigy as the outer optimiser, with validation targets whose best decays are
