@@ -9,6 +9,7 @@ regression in lam, solved in closed form.
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import implicit_hyper as ih
@@ -130,19 +131,37 @@ def test_method_reaches_the_closed_form_hyperparameters(name):
 def test_variance_reduction_is_what_makes_saba_converge():
   """The same batches and steps without the tables (SOBA) stall at the noise level."""
   loop = ih.soba(inner, outer, inner_lr=0.1, outer_lr=0.1)
-
-  def soba_batches(k):
-    (_, *train), (_, *valid) = indexed_batches(k)
-    return tuple(x[None] for x in train), tuple(valid)
-
   state, _ = run(loop, soba_batches, 3000)
   expected = closed_form()
   assert jnp.linalg.norm(state.hparams - expected) > 1e-4 * jnp.linalg.norm(expected)
 
 
-@pytest.mark.parametrize("name", sorted(METHODS))
+def soba_batches(step):
+  (_, *train), (_, *valid) = indexed_batches(step)
+  return tuple(x[None] for x in train), tuple(valid)
+
+
+RESUMED = {
+  **{name: METHODS[name][:2] for name in METHODS},
+  "soba": (lambda: ih.soba(inner, outer, inner_lr=0.1, outer_lr=0.1), soba_batches),
+  "amigo": (
+    lambda: ih.amigo(
+      inner,
+      outer,
+      optax.sgd(0.1),
+      optax.sgd(0.1),
+      inner_steps=1,
+      adjoint_steps=3,
+      adjoint_lr=0.1,
+    ),
+    soba_batches,
+  ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMED))
 def test_method_resumes_bit_identically_through_fit(name, tmp_path):
-  make, data, _ = METHODS[name]
+  make, data = RESUMED[name]
   loop = make()
   start = loop.init(jnp.zeros(D), jnp.zeros(P))
   reference, reference_history = ih.fit(loop, start, data, num_steps=10, progress=False)

@@ -68,7 +68,8 @@ def fit(
   Training stops early when the data run out.
 
   Args:
-    loop: a `Bilevel` from `ih.bilevel`, or any ``(init, step, constrain)`` loop whose
+    loop: a `Bilevel` (`ih.bilevel`, `ih.soba`, `ih.saba`, ... any method), or any
+      ``(init, step, constrain)`` loop whose
       state has ``step`` and ``hparams`` and whose metrics are a NamedTuple of scalars.
     state: the starting state (``loop.init(...)``); also the template that checkpoints
       must match.
