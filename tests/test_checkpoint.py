@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import chex
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +55,8 @@ def tree_of(kind, seed):
   if kind == "nnx":
     model = nnx.Linear(2, 3, rngs=nnx.Rngs(seed))
     return {"model": nnx.state(model), "rngs": nnx.state(nnx.Rngs(seed)), "step": seed}
+  if kind == "equinox":  # an activation function among the leaves
+    return {"model": eqx.nn.MLP(2, 3, 4, 1, key=jax.random.key(seed)), "step": seed}
   if kind == "dtypes":
     return {
       "bf16": jnp.asarray(w, jnp.bfloat16),
@@ -80,7 +83,9 @@ def assert_bit_identical(a, b):
     assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
 
 
-@pytest.mark.parametrize("kind", ["dict", "namedtuple", "chex", "flax.struct", "nnx", "dtypes"])
+@pytest.mark.parametrize(
+  "kind", ["dict", "namedtuple", "chex", "flax.struct", "nnx", "equinox", "dtypes"]
+)
 def test_round_trip_restores_every_leaf_bit_for_bit_with_its_type(tmp_path, kind):
   saved, like = tree_of(kind, 3), tree_of(kind, 0)
   path = save_checkpoint(tmp_path, saved, [{"loss": float("nan"), "step": 3}])
@@ -88,6 +93,16 @@ def test_round_trip_restores_every_leaf_bit_for_bit_with_its_type(tmp_path, kind
   restored, history = load_checkpoint(path, like)
   assert_bit_identical(restored, saved)
   assert np.isnan(history[0]["loss"]) and history[0]["step"] == 3
+
+
+def test_an_equinox_model_takes_its_functions_from_the_template(tmp_path):
+  saved = eqx.nn.MLP(2, 1, 3, 1, activation=jnp.tanh, key=jax.random.key(1))
+  like = eqx.nn.MLP(2, 1, 3, 1, activation=jax.nn.softplus, key=jax.random.key(0))
+  path = save_checkpoint(tmp_path, {"model": saved, "step": 1})
+  restored, _ = load_checkpoint(path, {"model": like, "step": 0})
+  assert restored["model"].activation is jax.nn.softplus
+  x = jnp.array([0.3, -1.2])
+  np.testing.assert_array_equal(restored["model"].layers[0](x), saved.layers[0](x))
 
 
 def test_multi_device_leaves_keep_the_sharding_of_the_template(tmp_path):

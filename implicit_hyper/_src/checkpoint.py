@@ -44,7 +44,9 @@ def save_checkpoint(
   (msgpack through `flax.serialization`: no pickle, loading never runs code), the
   history (exact JSON, NaN included), `config`, and a SHA-256 checksum of all of it.
   Any pytree of arrays is accepted: dicts, NamedTuples, `chex.dataclass`,
-  `flax.struct.dataclass`, `flax.nnx.State`, typed PRNG keys.
+  `flax.struct.dataclass`, `flax.nnx.State`, typed PRNG keys, and `equinox.Module`
+  models, whose function leaves (activations) are not saved: `load_checkpoint` takes
+  them from its `like`, as `equinox.tree_deserialise_leaves` does.
 
   Args:
     directory: where to write (created if needed).
@@ -73,7 +75,8 @@ def save_checkpoint(
     raise TypeError("`save_checkpoint(state=...)` must have a scalar `step` entry or attribute.")
   leaves = {}
   for key_path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(state)):
-    leaves[jax.tree_util.keystr(key_path)] = _to_numpy("save_checkpoint", key_path, leaf)
+    if not _is_function(leaf):
+      leaves[jax.tree_util.keystr(key_path)] = _to_numpy("save_checkpoint", key_path, leaf)
   payload = {
     "leaves": leaves,
     "history": json.dumps(list(history)),  # Python's JSON round-trips floats and NaN exactly.
@@ -120,15 +123,17 @@ def load_checkpoint(
     )
   flat, treedef = jax.tree_util.tree_flatten_with_path(like)
   names, leaves = [jax.tree_util.keystr(p) for p, _ in flat], [leaf for _, leaf in flat]
+  arrays = {name for name, leaf in zip(names, leaves, strict=True) if not _is_function(leaf)}
   stored = payload["leaves"]
-  missing, extra = sorted(set(names) - set(stored)), sorted(set(stored) - set(names))
+  missing, extra = sorted(arrays - set(stored)), sorted(set(stored) - arrays)
   if missing or extra:
     raise ValueError(
       f"Checkpoint {path} does not match the given state: leaves missing from the "
       f"checkpoint {missing[:5]}, leaves only in the checkpoint {extra[:5]}. {_HINT}"
     )
   restored = [
-    _from_numpy(path, name, stored[name], leaf) for name, leaf in zip(names, leaves, strict=True)
+    leaf if name not in arrays else _from_numpy(path, name, stored[name], leaf)
+    for name, leaf in zip(names, leaves, strict=True)
   ]
   return jax.tree.unflatten(treedef, restored), json.loads(payload["history"])
 
@@ -184,6 +189,11 @@ def _read_payload(path: Path) -> dict[str, Any]:
   except Exception as err:  # msgpack reports damage with many exception types
     raise _CorruptCheckpointError(f"Checkpoint {path} is corrupt ({err!r}). {_HINT}") from err
   raise _CorruptCheckpointError(f"Checkpoint {path} has an unknown layout. {_HINT}")
+
+
+def _is_function(leaf: Any) -> bool:
+  """A function leaf (an equinox model's activation): not saved, taken from `like` on load."""
+  return callable(leaf) and not isinstance(leaf, jax.Array | np.ndarray | np.generic)
 
 
 def _to_numpy(call: str, path: tuple[Any, ...], leaf: Any) -> np.ndarray:
