@@ -43,7 +43,7 @@ def test_quadratic_value_function_matches_a_direct_solve_of_the_inner_problem():
     record, _ = p.evaluate(None, x, None)
     assert record["outer"] == pytest.approx(float(p.outer_loss(z, x, *p.val)), rel=1e-10)
     # |grad h|^2 against the implicit hypergradient by Direct solves.
-    value = lambda x: p.outer_loss(
+    value = lambda x, hessian=hessian: p.outer_loss(
       -jnp.linalg.solve(hessian, jax.grad(p.inner_loss)(p.params, x, *p.train)), x, *p.val
     )
     assert record["grad_norm_sq"] == pytest.approx(
