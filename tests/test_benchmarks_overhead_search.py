@@ -38,9 +38,9 @@ def outputs(tmp_path_factory):
       text=True,
     ),
   }
-  for name, run in runs.items():
-    stdout, stderr = run.communicate(timeout=600)
-    assert run.returncode == 0, f"{name} --quick failed:\n{stdout}\n{stderr}"
+  done = {name: run.communicate(timeout=1800) for name, run in runs.items()}
+  for name, (stdout, stderr) in done.items():
+    assert runs[name].returncode == 0, f"{name} --quick failed:\n{stdout}\n{stderr}"
   return device, searched
 
 

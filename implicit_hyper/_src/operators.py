@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
 
@@ -29,6 +30,7 @@ def hessian_vector_product(
   grad_fn = jax.grad(loss_fn)
 
   def matvec(v: PyTree) -> PyTree:
+    v = parallel.match_varying(v, params)  # a tangent has its primal's type (`shard_map`)
     return jax.jvp(lambda p: grad_fn(p, hparams, *args), (params,), (v,))[1]
 
   return matvec
@@ -43,6 +45,7 @@ def jacobian_product(
   """
 
   def matvec(v: PyTree) -> PyTree:
+    v = parallel.match_varying(v, params)
     return jax.jvp(lambda p: optimality_fn(p, hparams, *args), (params,), (v,))[1]
 
   return matvec

@@ -27,6 +27,7 @@ import optax.tree_utils as otu
 from jax.custom_derivatives import SymbolicZero
 
 from implicit_hyper._src import operators
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import SolveInfo
@@ -94,6 +95,18 @@ def implicit_solution(
       rhs = jax.tree.map(lambda r: r + anchor.astype(r.dtype), rhs)
     matvec = operators.jacobian_product(condition, params, hparams, args)
     stationarity = relative_stationarity(condition, matvec, params, hparams, args, init_params)
+    # Under `shard_map`, `custom_linear_solve` casts every array it is given (the operator's
+    # and the right-hand side) to vary along every axis any of them varies along (a batch
+    # split over devices), and then evaluates `matvec` and `solve`, traced before the
+    # cast, at the cast arrays. Hand it arrays of that type, and cast the linearisation
+    # point back inside the product (a mean over devices of equal values).
+    axes = parallel.union_varying(primals)
+    point = (params, hparams, args)
+    varying_point, stationarity = parallel.vary_along((point, stationarity), axes)
+
+    def product(v: PyTree) -> PyTree:
+      p, h, a = parallel.match_varying(varying_point, point)
+      return parallel.vary_along(operators.jacobian_product(condition, p, h, a)(v), axes)
 
     def solve(matvec: Matvec, b: PyTree) -> PyTree:
       x, info, _ = solver.solve(matvec, b)
@@ -101,9 +114,13 @@ def implicit_solution(
       return x
 
     params_dot = jax.lax.custom_linear_solve(
-      matvec, otu.tree_scale(-1.0, rhs), solve, transpose_solve=solve, symmetric=symmetric
+      product,
+      parallel.vary_along(otu.tree_scale(-1.0, rhs), axes),
+      solve,
+      transpose_solve=solve,
+      symmetric=symmetric,
     )
-    return params, params_dot
+    return params, parallel.match_varying(params_dot, params)
 
   solution.defjvp(solution_jvp, symbolic_zeros=True)
   return solution(jax.lax.stop_gradient(params), init_params, hparams, tuple(args))
@@ -129,7 +146,9 @@ def relative_stationarity(
   norm = lambda p: otu.tree_norm(condition(p, hparams, *args))
   if init_params is None:
     return jnp.full((), jnp.nan)
-  scale = jnp.maximum(otu.tree_norm(matvec(params)), norm(init_params))
+  # Under `shard_map` the condition was traced at the type of `params`.
+  start = parallel.match_varying(init_params, params)
+  scale = jnp.maximum(otu.tree_norm(matvec(params)), norm(start))
   return norm(params) / jnp.where(scale > 0, scale, 1.0)
 
 

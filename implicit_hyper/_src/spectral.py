@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers._base import Matvec
@@ -123,7 +124,9 @@ def lanczos(
     zero,
     jnp.array(False),
   )
-  k, _, _, _, alphas, betas, _, _ = jax.lax.while_loop(keep_going, step, start)
+  k, _, _, _, alphas, betas, _, _ = jax.lax.while_loop(
+    keep_going, step, parallel.vary_carry(start, like)
+  )
   return _ritz_values(alphas, betas, k)
 
 
@@ -195,7 +198,7 @@ def max_eigenvalue(
     w = matvec(v)
     return _vectors.scaled(1.0 / _safe(_vectors.norm(w)), w)
 
-  v = jax.lax.fori_loop(0, steps, step, v)
+  v = jax.lax.fori_loop(0, steps, step, parallel.vary_carry(v, like))
   return jnp.abs(otu.tree_vdot(v, matvec(v)))
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers import cg
@@ -86,6 +87,6 @@ class BiCGStab(_base.LinearSolver):
       rho_new, alpha, omega = (c.astype(one.dtype) for c in (rho_new, alpha, omega))
       return x, r, p, v, rho_new, alpha, omega, k + 1, broke
 
-    final = jax.lax.while_loop(keep_going, iteration, start)
+    final = jax.lax.while_loop(keep_going, iteration, parallel.vary_carry(start, b))
     x, k, broke = final[0], final[7], final[8]
     return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke, tol=self.tol), None

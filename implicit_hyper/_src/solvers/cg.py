@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers._base import Matvec
@@ -65,7 +66,7 @@ def conjugate_gradient(
     p = _vectors.add_scaled(z, rz_new / jnp.where(rz > 0, rz, 1.0), p)
     return x, r, p, rz_new, _vectors.norm(r).astype(dtype), k + 1, broke
 
-  x, r, *_, k, broke = jax.lax.while_loop(keep_going, iteration, state)
+  x, r, *_, k, broke = jax.lax.while_loop(keep_going, iteration, parallel.vary_carry(state, b))
   return x, _base.make_info(x, r, b, k, extra_failure=broke, tol=tol, negative_curvature=broke)
 
 

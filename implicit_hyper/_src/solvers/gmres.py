@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import cg
 from implicit_hyper._src.solvers._base import Matvec
@@ -79,7 +80,9 @@ def _cycle(
     return j + 1, basis, hessenberg, g, rotations, invariant
 
   start = (jnp.zeros((), jnp.int32), basis, hessenberg, g, rotations, jnp.array(False))
-  k, basis, hessenberg, g, _, invariant = jax.lax.while_loop(keep_going, arnoldi, start)
+  k, basis, hessenberg, g, _, invariant = jax.lax.while_loop(
+    keep_going, arnoldi, parallel.vary_carry(start)
+  )
   # Solve the k x k triangle R y = g; unused rows get a unit diagonal and a zero right side.
   used = jnp.arange(restart) < k
   triangle = jnp.where(used[:, None] & used[None, :], hessenberg[:restart], 0.0)
@@ -148,6 +151,6 @@ class GMRES(_base.LinearSolver):
       return x, flat_b - flat_matvec(x), k + taken, invariant
 
     start = (jnp.zeros_like(flat_b), flat_b, jnp.zeros((), jnp.int32), jnp.array(False))
-    flat_x, r, k, _ = jax.lax.while_loop(keep_going, cycle, start)
+    flat_x, r, k, _ = jax.lax.while_loop(keep_going, cycle, parallel.vary_carry(start))
     x = unravel(flat_x)
     return x, _base.make_info(x, unravel(r), b, k, tol=self.tol), None

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
 from implicit_hyper._src.solvers import cg
@@ -130,7 +131,7 @@ class MINRES(_base.LinearSolver):
         "broke": broke,
       }
 
-    it = jax.lax.while_loop(keep_going, iteration, start)
+    it = jax.lax.while_loop(keep_going, iteration, parallel.vary_carry(start, b))
     info = _base.make_info(
       it["x"],
       _base.residual(matvec, it["x"], b),

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src import spectral
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
@@ -157,7 +158,9 @@ class Neumann(_base.LinearSolver):
       return state.alpha, state.min_eigenvalue, state.age
 
     due = ~jnp.isfinite(state.alpha) | (state.age >= self.refresh_every)
-    alpha, smallest, age = jax.lax.cond(due, estimate, cached)
+    alpha, smallest, age = jax.lax.cond(
+      due, lambda: parallel.vary_carry(estimate(), b), lambda: parallel.vary_carry(cached(), b)
+    )
     return alpha, NeumannState(alpha, age + 1, state.count + 1, smallest)
 
   def compute(

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 from jax.typing import DTypeLike
 
+from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
@@ -158,7 +159,11 @@ def _refreshed(
     basis, g, ritz = sketch(matvec, like, rank, key)
     return NystromState(basis, g, ritz, jnp.zeros_like(old.age), old.count + 1)
 
-  current = jax.lax.cond(old.age >= refresh_every, new, lambda: old)
+  current = jax.lax.cond(
+    old.age >= refresh_every,
+    lambda: parallel.vary_carry(new(), like),
+    lambda: parallel.vary_carry(old, like),
+  )
   return current._replace(age=current.age + 1)
 
 
