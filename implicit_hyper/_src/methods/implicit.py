@@ -73,7 +73,7 @@ def bilevel(
   loss and the hypergradient, with ``value_fn`` the validation loss at the current
   weights as a function of the raw hyperparameters (not the value function
   :math:`L_V(\theta^*(\lambda), \lambda)`, so a line search on it is not one on the
-  hyper-objective: use ``optax.lbfgs(linesearch=None)`` there).
+  hyper-objective: an outer ``optax.lbfgs()`` is not recommended).
 
   Args:
     inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar training loss.
