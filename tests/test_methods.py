@@ -1,4 +1,4 @@
-"""SABA, SRBA and StocBiO reach the known solution of a finite-sum quadratic bilevel problem.
+"""SABA, SRBA, FSLA and StocBiO reach the known solution of a finite-sum quadratic bilevel problem.
 
 Inner: the mean over 16 samples of ``theta^T A_i theta / 2 - theta^T (B_i lam + c_i)``;
 outer: the mean over 8 samples of ``|theta - t_j|^2 / 2 + mu |lam|^2 / 2``. Then
@@ -86,6 +86,11 @@ METHODS = {
   "srba": (
     lambda: ih.srba(inner, outer, period=8, inner_lr=0.1, outer_lr=0.1),
     srba_batches,
+    3000,
+  ),
+  "fsla": (  # deterministic (the full data every step): its momentum is then exact
+    lambda: ih.fsla(inner, outer, inner_lr=0.1, outer_lr=0.1, momentum=0.5),
+    lambda step: ((A, B, C), (T,)),
     3000,
   ),
   "stocbio": (
@@ -196,3 +201,8 @@ def test_bad_settings_name_the_call_and_argument():
   loop = METHODS["stocbio"][0]()
   with pytest.raises(ValueError, match="inner_steps \\+ neumann_steps \\+ 1=106"):
     loop.step(loop.init(jnp.zeros(D), jnp.zeros(P)), (A, B, C), (T,))
+
+
+def test_fsla_momentum_must_be_in_the_unit_interval():
+  with pytest.raises(ValueError, match=r"`fsla\(momentum=...\)` must be in \(0, 1\]"):
+    ih.fsla(inner, outer, inner_lr=0.1, outer_lr=0.1, momentum=0.0)
