@@ -162,15 +162,17 @@ def test_reduce_on_plateau_reads_the_validation_loss_and_lowers_the_outer_step()
   assert float(state.hparams) == pytest.approx(best_decay(), rel=1e-4)
 
 
-def test_losses_with_aux_give_the_same_run_and_report_the_aux_in_fit_history():
+@pytest.mark.parametrize("method", ["implicit", "unrolled"])
+def test_losses_with_aux_give_the_same_run_and_report_the_aux_in_fit_history(method):
   with_aux = lambda loss, name: lambda *a: (loss(*a), {name: loss(*a) * 2.0})
-  plain = ih.bilevel(train, valid, optax.sgd(0.3), optax.adam(0.05), inner_steps=T)
+  plain = ih.bilevel(train, valid, optax.sgd(0.3), optax.adam(0.05), inner_steps=T, method=method)
   aux = ih.bilevel(
     with_aux(train, "twice"),
     with_aux(valid, "twice"),
     optax.sgd(0.3),
     optax.adam(0.05),
     inner_steps=T,
+    method=method,
     loss_has_aux=True,
   )
   data = lambda step: (INNER_ARGS, (XV, YV))
