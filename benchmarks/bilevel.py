@@ -1,6 +1,6 @@
 """The bilevel methods of implicit_hyper on benchopt's benchmark_bilevel problems, offline.
 
-Problems (benchmarks/bilevel_problems.py; ``--problem``, all of them without it):
+Problems (benchmarks/_bilevel_problems.py; ``--problem``, all of them without it):
 
   quadratic  benchopt's simulated quadratic, inner dimension 100, outer 10, 32,768
              training and 1,024 validation samples, mu_inner 1e-2 and 1e-4, float64; the
@@ -63,10 +63,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 try:
   import _common
-  import bilevel_problems as problems
+  import _bilevel_problems as problems
 except ImportError:  # imported as benchmarks.bilevel
   from benchmarks import _common
-  from benchmarks import bilevel_problems as problems
+  from benchmarks import _bilevel_problems as problems
 
 BATCH = problems.BATCH
 T = K = 10

@@ -18,7 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 SCRIPT = BENCHMARKS / "bilevel.py"
 sys.path.insert(0, str(BENCHMARKS))
 import bilevel  # noqa: E402
-import bilevel_problems  # noqa: E402
+import _bilevel_problems as bilevel_problems  # noqa: E402
 
 PROBLEMS = {
   "quadratic": ("quadratic_mu0.01",),

@@ -183,6 +183,12 @@ RUNS = [
     files={"metrics.json": ("step", "outer_loss", "num_skipped")},
   ),
   Run(
+    "nonunique_inner",
+    "examples/nonunique_inner.py",
+    files={"nonunique_inner.json": ("lam_A_gap_between_inits", "f2sa/zero", "bome/zero")},
+    published=False,
+  ),
+  Run(
     "data_parallel",
     "examples/data_parallel.py",
     files={"metrics.json": ("devices", "test_accuracy", "skipped_hyper_steps", "hyper_steps")},
@@ -198,12 +204,14 @@ RUNS = [
     files={"end_to_end.json": BENCHMARK, "end_to_end.png": ()},
   ),
   *(
+    # benchmarks/bilevel.py was rebuilt (issue 19); its new runs are not all generated yet.
     Run(
       f"bilevel_{problem}",
       "benchmarks/bilevel.py",
       ("--problem", problem),
       {f"bilevel_{problem}.json": BENCHMARK, f"bilevel_{problem}.png": ()},
       ("--problem", problem),
+      published=False,
     )
     for problem in ("quadratic", "logreg", "cleaning")
   ),
