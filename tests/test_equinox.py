@@ -1,5 +1,7 @@
 """An equinox MLP as the inner model: `eqx.partition` once, decays shaped like its arrays."""
 
+from collections.abc import Callable
+
 import equinox as eqx
 import jax
 import jax.flatten_util
@@ -108,3 +110,25 @@ def test_fit_of_per_weight_decays_of_an_equinox_mlp_resumes_bit_identically(tmp_
   np.testing.assert_equal(history, reference_history)
   assert not any(record["skipped"] for record in history)
   assert not jnp.array_equal(state.hparams.layers[0].weight, log_decay.layers[0].weight)
+
+
+class Hparams(eqx.Module):
+  raw_decay: jax.Array
+  positive: Callable = jax.nn.softplus  # a function field, not static: a pytree leaf
+
+
+def test_module_hparams_with_a_function_field_differentiate_only_their_arrays():
+  def loss(w, h, t):
+    return 0.5 * jnp.sum((w - t) ** 2) + 0.5 * h.positive(h.raw_decay) * jnp.sum(w**2)
+
+  solve = ih.implicit_argmin(loss, solver=ih.CG(steps=3))(
+    lambda w0, h, t: t / (1.0 + h.positive(h.raw_decay))
+  )
+  t = jnp.array([1.0, 2.0, -0.5])
+  value = lambda h: jnp.sum(solve(jnp.zeros(3), h, t))
+  decay = jax.nn.softplus(0.3)  # d/draw sum(t / (1 + softplus(raw))) in closed form:
+  expected = -jnp.sum(t) / (1.0 + decay) ** 2 * jax.nn.sigmoid(0.3)
+  for grad in (eqx.filter_grad(value), eqx.filter_jit(eqx.filter_grad(value))):
+    got = grad(Hparams(jnp.asarray(0.3)))
+    assert got.positive is None
+    np.testing.assert_allclose(got.raw_decay, expected, rtol=1e-12)

@@ -313,17 +313,19 @@ def _decorator(
       else:
         validation.check_same_structure(call, name, params, init_params, "`init_params`")
       floating, constant = differentiable.partition(params)
+      # Functions in hparams (an equinox Module's callable fields) are bound, not solved for.
+      hparams, functions = differentiable.partition(hparams)
       # Static leaves (strings, Python ints) are bound; array leaves become inputs of the
       # rule, with the arrays the condition closes over hoisted after them.
-      leaves, treedef = jax.tree.flatten((constant, args, loss_kwargs))
+      leaves, treedef = jax.tree.flatten((constant, functions, args, loss_kwargs))
       arrays = [x for x in leaves if rule.is_array(x)]
 
       def condition_of_arrays(p: PyTree, h: PyTree, *values: Any) -> PyTree:
         it = iter(values)
-        c, a, kw = jax.tree.unflatten(
+        c, f, a, kw = jax.tree.unflatten(
           treedef, [next(it) if rule.is_array(x) else x for x in leaves]
         )
-        return condition(differentiable.combine(p, c), h, *a, **kw)
+        return condition(differentiable.combine(p, c), differentiable.combine(h, f), *a, **kw)
 
       start = (
         differentiable.zeros_like_floating(params)

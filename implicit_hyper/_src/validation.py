@@ -1,16 +1,22 @@
 """Checks on user input, made at trace time so errors name the argument at fault."""
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def check_float_tree(call: str, name: str, tree: Any) -> None:
-  """Raises `TypeError` unless every leaf of `tree` is a real floating-point array."""
+  """Raises `TypeError` unless every leaf of `tree` is a real floating-point array.
+
+  Functions (the non-static callable fields of an `equinox.Module`) are skipped: as with
+  `eqx.is_inexact_array`, they are not differentiated.
+  """
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    if is_function(leaf):
+      continue
     dtype = jnp.result_type(leaf)
     if not jnp.issubdtype(dtype, jnp.floating):
       raise TypeError(
@@ -21,6 +27,11 @@ def check_float_tree(call: str, name: str, tree: Any) -> None:
         + "Cast it, e.g. `jnp.asarray(x, jnp.float32)`, or pass integer data (labels) in "
         "`*args`."
       )
+
+
+def is_function(leaf: Any) -> bool:
+  """Whether a leaf is a function (to be bound, not differentiated), not an array."""
+  return callable(leaf) and not isinstance(leaf, jax.Array | np.ndarray | np.generic)
 
 
 def check_real_tree(call: str, name: str, tree: Any) -> None:
@@ -68,8 +79,18 @@ def eval_shape(
   A hyperparameter of the wrong shape (5 decays for 10 weights) or a Python list where
   the loss expects an array fails inside JAX; the message then names `hparams`.
   """
+  leaves, treedef = jax.tree.flatten(example_args)
+  functions = [x if is_function(x) else None for x in leaves]
+
+  def of_arrays(*arrays: Any) -> Any:
+    merged = [f if f is not None else a for f, a in zip(functions, arrays, strict=True)]
+    return fn(*jax.tree.unflatten(treedef, merged), **example_kwargs)
+
   try:
-    return jax.eval_shape(functools.partial(fn, **example_kwargs), *example_args)
+    # Function leaves (an equinox Module's callables) are bound, not traced.
+    return jax.eval_shape(
+      of_arrays, *[None if f is not None else x for f, x in zip(functions, leaves, strict=True)]
+    )
   except (TypeError, ValueError) as error:
     params, hparams = (example_args + (None, None))[:2]
     hint = ""
