@@ -1,11 +1,11 @@
 """When a hypergradient can be trusted: the checks, the policies, and a record of every solve.
 
 A decorated inner solver claims that it returned a solution. The backward pass checks
-that claim (stationarity), the linear solve (divergence, negative curvature, and
-non-convergence when the user sets a tolerance), and acts by a policy: warn, raise, or
-ignore. The checks run on traced values and reach the host through `jax.debug.callback`,
-so they work eagerly and under `jit`, `vmap` and `pmap`; `record_solves` collects the
-`SolveInfo` of every solve for inspection.
+that claim (stationarity), the linear solve (divergence, negative curvature, a solve
+that missed its solver's tolerance, and the user's stricter `tol`), and acts by a
+policy: warn, raise, or ignore. The checks run on traced values and reach the host
+through `jax.debug.callback`, so they work eagerly and under `jit`, `vmap` and `pmap`;
+`record_solves` collects the `SolveInfo` of every solve for inspection.
 """
 
 import contextlib
@@ -59,18 +59,26 @@ class Checks:
     on_failure: "warn" (a `HypergradientWarning` pointing at the user's call), "raise"
       (a `HypergradientError`; under `jax.jit` JAX re-raises it as a runtime error that
       carries its message), or "ignore".
-    tol: flag a backward solve whose relative residual exceeds this (None: flag only
-      divergence; a truncated Neumann series is inexact by design).
+    tol: also flag a backward solve whose relative residual exceeds this, a threshold
+      stricter than the solver's own (None: only what `unconverged` flags).
     stationarity_tol: flag an inner solution whose relative stationarity exceeds this
       (None: do not check).
     curvature: flag negative curvature seen by the solver (a claimed minimum that is
       none); off where the point is an iterate of training by design (`hypergrad`).
+    unconverged: flag a solve whose `SolveInfo.converged` is False: one that missed
+      what its solver claims (`LinearSolver.residual_target`: a Krylov solver's `tol`,
+      round-off for `ih.Direct`; nothing but finiteness for a truncated Neumann series).
+      On for the decorators, whose backward solve is meant to be the solution; off for
+      `hypergrad` and the bilevel loop, where a truncated or warm-started solve at an
+      iterate of training is the method (Algorithm 1, SOBA, AmIGO) and `SolveInfo`
+      reports it.
   """
 
   on_failure: str = "warn"
   tol: float | None = None
   stationarity_tol: float | None = DEFAULT_STATIONARITY_TOL
   curvature: bool = True
+  unconverged: bool = True
 
   def validate(self, call: str) -> "Checks":
     if self.on_failure not in POLICIES:
@@ -95,7 +103,16 @@ def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
       "the Hessian has negative curvature at the inner solution, which is then no strict "
       "minimum (solve the inner problem closer to a minimum, add a `ridge`, or use ih.MINRES)"
     )
-  if checks.tol is not None and not np.all(residual <= checks.tol):
+  missed = not np.all(info.converged) and not np.any(info.diverged)
+  if checks.unconverged and missed:
+    reasons.append(
+      f"the linear solve did not converge to its solver's tolerance: relative residual "
+      f"{residual:.3g} after {int(np.max(info.num_steps))} steps (give a Krylov solver more "
+      "steps, e.g. `solver=ih.CG(steps=200)`, a preconditioner or a `tol` it can reach; a "
+      "residual that stays up with more steps, or one from `ih.Direct`, means that "
+      "dF/dparams is singular or nearly so, where the derivative does not exist)"
+    )
+  elif checks.tol is not None and not np.all(residual <= checks.tol):
     reasons.append(f"the linear solve did not converge: relative residual {residual:.3g} > tol")
   stationarity = np.asarray(info.stationarity)
   if checks.stationarity_tol is not None and np.any(stationarity > checks.stationarity_tol):
@@ -103,7 +120,9 @@ def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
       f"the inner solver's output is not a solution: relative stationarity "
       f"{np.nanmax(stationarity):.3g} > {checks.stationarity_tol:g} (the theorem holds at a "
       "stationary point; run the inner solver longer, or for a non-smooth problem "
-      "differentiate a proximal-gradient fixed point with `ih.implicit_fixed_point`)"
+      "differentiate a proximal-gradient fixed point with `ih.implicit_fixed_point`; or the "
+      "loss takes its arguments in the wrong order: it must be `loss(params, hparams, "
+      "...)`, params first, then hparams)"
     )
   return tuple(reasons)
 

@@ -48,9 +48,10 @@ class SolveInfo(NamedTuple):
     num_steps: number of iterations the solver ran.
     diverged: True when the answer is not finite or the residual grew beyond ``||b||``
       (or the method broke down): the answer must not be trusted.
-    converged: True when the residual is within the solver's `tol` (for a solver
-      without a `tol`, such as a truncated Neumann series, whenever it did not diverge:
-      it is inexact by design).
+    converged: True when the solve did not diverge and its residual is within what the
+      solver claims (`LinearSolver.residual_target`: a Krylov solver's `tol`; for a
+      solver inexact by design, such as a truncated Neumann series, whenever it did not
+      diverge).
     negative_curvature: True when the solver saw ``v^T A v <= 0`` (CG, Lanczos), i.e.
       A is not positive definite: the point is not a strict local minimum.
     stationarity: for the decorators, the norm of the optimality condition at the
@@ -129,9 +130,26 @@ class LinearSolver:
     del like
     return None
 
+  def residual_target(self, dtype: DTypeLike) -> float | None:
+    """The relative residual this solver claims to reach: the convergence policy.
+
+    This is the one place that decides what `SolveInfo.converged` means, for every
+    solver: ``converged = not diverged and residual_norm <= residual_target(dtype)``.
+    None (here) is a solver that is inexact by design (a truncated Neumann series,
+    `ih.Identity`, a low-rank `ih.Nystrom`): it claims only not to diverge. A solver with
+    a `tol` (the Krylov methods; `ih.Neumann` and `ih.Richardson` when given one) claims
+    that tolerance, `ih.Direct` round-off; the decorators flag a solve that misses it.
+    """
+    del dtype
+    return None
+
   def solve(self, matvec: Matvec, b: PyTree, state: Any = None) -> tuple[PyTree, SolveInfo, Any]:
     """Approximately solves ``(A + ridge * I) x = b``; returns ``(x, SolveInfo, state)``."""
-    return self.compute(with_ridge(matvec, self.ridge), b, state)
+    x, info, state = self.compute(with_ridge(matvec, self.ridge), b, state)
+    target = self.residual_target(tree_dtype(b))
+    if target is not None:
+      info = info._replace(converged=~info.diverged & (info.residual_norm <= target))
+    return x, info, state
 
   def compute(self, matvec: Matvec, b: PyTree, state: Any) -> tuple[PyTree, SolveInfo, Any]:
     """Solves ``A x = b`` for the operator `matvec` (the ridge already added)."""
@@ -142,11 +160,56 @@ class LinearSolver:
     return self
 
 
+def default_tol(dtype: DTypeLike) -> float:
+  """The Krylov solvers' default `tol`: 1e-10 in float64, ``eps^(2/3)`` in lower precision.
+
+  ``eps^(2/3)`` (2.4e-5 in float32, 1e-2 in float16) is a residual that the true residual
+  of a moderately conditioned system can still reach in that precision, so that the
+  default claim is one the solver can keep.
+  """
+  return max(1e-10, float(jnp.finfo(dtype).eps) ** (2.0 / 3.0))
+
+
+def check_iteration_settings(call: str, steps: object, tol: object) -> None:
+  """Validates the `steps` and `tol` settings shared by the Krylov solvers."""
+  check_int(call, "steps", steps, minimum=0)
+  if tol is not None:
+    check_nonnegative(call, "tol", tol)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KrylovSolver(LinearSolver):
+  """Base class of the Krylov solvers: at most `steps` iterations, stopping at `tol`.
+
+  A Krylov solver's answer is meant to be the solution: it claims its `tol`
+  (`default_tol` of the right-hand side's dtype when None), and a solve that stops at
+  `steps` above it reports ``converged=False``, which the decorators flag.
+  """
+
+  steps: int = 20
+  tol: float | None = None
+
+  def __post_init__(self) -> None:
+    super().__post_init__()
+    check_iteration_settings(type(self).__name__, self.steps, self.tol)
+
+  def stop_tol(self, dtype: DTypeLike) -> float:
+    """The relative residual to stop at: `tol`, or `default_tol` of `dtype` when None."""
+    return default_tol(dtype) if self.tol is None else float(self.tol)
+
+  def residual_target(self, dtype: DTypeLike) -> float:
+    """`stop_tol`, but never below ``min(100 eps, default_tol)``: ``tol=0`` asks to run
+    every step, and a solve exact to round-off keeps its claim."""
+    floor = min(100.0 * float(jnp.finfo(dtype).eps), default_tol(dtype))
+    return max(self.stop_tol(dtype), floor)
+
+
 class Solver(Protocol):
   """What the ``solver=`` arguments take: any object with `init` and `solve`.
 
   `LinearSolver` and its subclasses are such objects; a plain function
-  ``solve(matvec, b) -> x`` given instead is wrapped in `FunctionSolver`.
+  ``solve(matvec, b) -> x`` given instead is wrapped in `FunctionSolver` (see
+  `resolve.as_solver`).
   """
 
   def init(self, like: PyTree) -> Any: ...
@@ -231,35 +294,3 @@ def tree_dtype(tree: PyTree) -> np.dtype:
   """The widest floating dtype among the leaves of `tree` (float32 for none)."""
   dtypes = [jnp.result_type(leaf) for leaf in jax.tree.leaves(tree)]
   return jnp.result_type(*dtypes) if dtypes else jnp.dtype(jnp.float32)
-
-
-def as_solver(call: str, solver: object, default: Solver | None, *, symmetric: bool) -> Any:
-  """`solver` as an object with `init` and `solve`; raises naming `call` when it is not one.
-
-  None gives `default`. A plain function ``solve(matvec, b) -> x`` (jaxopt's
-  ``linear_solve.solve_cg`` and friends) is wrapped in `FunctionSolver`.
-  """
-  from implicit_hyper._src.solvers.function import FunctionSolver
-
-  if solver is None:
-    solver = default
-  if isinstance(solver, type):
-    raise TypeError(
-      f"`{call}(solver=...)` must be a solver instance, got the class {solver.__name__}; "
-      f"call it: `solver={solver.__name__}()`."
-    )
-  if not (callable(getattr(solver, "solve", None)) and callable(getattr(solver, "init", None))):
-    if not callable(solver):
-      raise TypeError(
-        f"`{call}(solver=...)` must be a linear solver such as `ih.Neumann()` (with `init` "
-        f"and `solve` methods) or a function `solve(matvec, b) -> x`, got {solver!r}."
-      )
-    solver = FunctionSolver(fn=solver)
-  if not symmetric and getattr(solver, "requires_symmetric", False):
-    raise ValueError(
-      f"`{call}(solver=...)`: {solver!r} needs a symmetric operator, but the Jacobian of a "
-      "general optimality condition need not be symmetric. Use `ih.BiCGStab()`, "
-      "`ih.NormalCG()`, `ih.Direct()` or `ih.Neumann(alpha=...)`, or pass "
-      "`symmetric=True` if dF/dparams is symmetric."
-    )
-  return solver

@@ -7,7 +7,6 @@ import optax.tree_utils as otu
 from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
-from implicit_hyper._src.solvers import cg
 from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import SolveInfo
@@ -24,7 +23,7 @@ def _ratio(num: jax.Array, den: jax.Array) -> jax.Array:
 
 
 @_base.solver_pytree()
-class BiCGStab(_base.LinearSolver):
+class BiCGStab(_base.KrylovSolver):
   """Biconjugate gradient stabilised (van der Vorst, 1992) for any invertible A.
 
   Needs only products ``A v`` (two per step), so it suits the non-symmetric Jacobians
@@ -33,7 +32,8 @@ class BiCGStab(_base.LinearSolver):
 
   Args:
     steps: the most iterations to run.
-    tol: stop once ``||A x - b|| <= tol ||b||``.
+    tol: stop once ``||A x - b|| <= tol ||b||`` (None: `default_tol` of the dtype,
+      1e-10 in float64); a solve that stops at `steps` above it is not converged.
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
@@ -48,18 +48,12 @@ class BiCGStab(_base.LinearSolver):
     Solution of Nonsymmetric Linear Systems", SIAM J. Sci. Stat. Comput., 1992.
   """
 
-  steps: int = 20
-  tol: float = 1e-10
-
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    cg.check_iteration_settings("BiCGStab", self.steps, self.tol)
-
   def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
+    tol = self.stop_tol(_base.tree_dtype(b))
     x, r = otu.tree_zeros_like(b), b
     shadow = r
-    threshold = self.tol * otu.tree_norm(b)
+    threshold = tol * otu.tree_norm(b)
     one = jnp.ones((), otu.tree_dtype(b, "highest"))
     zeros = otu.tree_zeros_like(b)
     start = (x, r, zeros, zeros, one, one, one, jnp.asarray(0), jnp.asarray(False))
@@ -89,4 +83,4 @@ class BiCGStab(_base.LinearSolver):
 
     final = jax.lax.while_loop(keep_going, iteration, parallel.vary_carry(start, b))
     x, k, broke = final[0], final[7], final[8]
-    return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke, tol=self.tol), None
+    return x, _base.make_info(x, _base.residual(matvec, x, b), b, k, broke, tol=tol), None

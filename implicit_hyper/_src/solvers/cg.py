@@ -19,12 +19,6 @@ from implicit_hyper._src.solvers._base import SolveInfo
 _Carry = tuple[PyTree, PyTree, PyTree, jax.Array, jax.Array, jax.Array, jax.Array]
 
 
-def check_iteration_settings(call: str, steps: object, tol: object) -> None:
-  """Validates the `steps` and `tol` settings shared by the Krylov solvers."""
-  _base.check_int(call, "steps", steps, minimum=0)
-  _base.check_nonnegative(call, "tol", tol)
-
-
 def conjugate_gradient(
   matvec: Matvec,
   b: PyTree,
@@ -84,7 +78,7 @@ class CGState(NamedTuple):
 
 
 @_base.solver_pytree()
-class CG(_base.LinearSolver):
+class CG(_base.KrylovSolver):
   """Conjugate gradient for symmetric positive-definite A (Hestenes & Stiefel, 1952).
 
   Exact after n steps for an n-dimensional A in exact arithmetic; each step costs one
@@ -101,7 +95,8 @@ class CG(_base.LinearSolver):
 
   Args:
     steps: the most iterations to run.
-    tol: stop once ``||A x - b|| <= tol ||b||``.
+    tol: stop once ``||A x - b|| <= tol ||b||`` (None: `default_tol` of the dtype,
+      1e-10 in float64); a solve that stops at `steps` above it is not converged.
     warm_start: start from the previous solution kept in the state (without a
       preconditioner the state is that solution; a fresh state starts from zero).
     preconditioner: None, or an object with ``init(like) -> state``,
@@ -120,15 +115,12 @@ class CG(_base.LinearSolver):
     NeurIPS 2019. https://arxiv.org/abs/1909.04630
   """
 
-  steps: int = 20
-  tol: float = 1e-10
   warm_start: bool = True
   preconditioner: Any = None
   requires_symmetric = True
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    check_iteration_settings("CG", self.steps, self.tol)
     methods = ("init", "update", "apply")
     if self.preconditioner is not None and not all(
       callable(getattr(self.preconditioner, m, None)) for m in methods
@@ -147,8 +139,9 @@ class CG(_base.LinearSolver):
   def compute(
     self, matvec: Matvec, b: PyTree, state: CGState | PyTree | None
   ) -> tuple[PyTree, SolveInfo, CGState | PyTree | None]:
+    tol = self.stop_tol(_base.tree_dtype(b))
     if self.preconditioner is None:
-      x, info = conjugate_gradient(matvec, b, state, steps=self.steps, tol=self.tol)
+      x, info = conjugate_gradient(matvec, b, state, steps=self.steps, tol=tol)
       return x, info, (x if self.warm_start else None)
     start, preconditioner = (None, None) if state is None else state
     preconditioner = self.preconditioner.update(matvec, b, preconditioner)
@@ -157,7 +150,7 @@ class CG(_base.LinearSolver):
       b,
       start if self.warm_start else None,
       steps=self.steps,
-      tol=self.tol,
+      tol=tol,
       precondition=lambda r: self.preconditioner.apply(preconditioner, r),
     )
     return x, info, CGState(x if self.warm_start else None, preconditioner)

@@ -8,7 +8,6 @@ from jax.flatten_util import ravel_pytree
 
 from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
-from implicit_hyper._src.solvers import cg
 from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import SolveInfo
@@ -92,7 +91,7 @@ def _cycle(
 
 
 @_base.solver_pytree()
-class GMRES(_base.LinearSolver):
+class GMRES(_base.KrylovSolver):
   r"""Restarted generalised minimal residual method (Saad & Schultz, 1986) for any invertible A.
 
   Each cycle builds an orthonormal basis of the Krylov space ``span{r, A r, ...,
@@ -108,7 +107,8 @@ class GMRES(_base.LinearSolver):
     steps: the most Arnoldi steps in all (each one product).
     restart: Arnoldi steps per cycle (the basis kept in memory); each cycle ends with one
       extra product for the true residual.
-    tol: stop once ``||A x - b|| <= tol ||b||``.
+    tol: stop once ``||A x - b|| <= tol ||b||`` (None: `default_tol` of the dtype,
+      1e-10 in float64); a solve that stops at `steps` above it is not converged.
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
@@ -123,20 +123,18 @@ class GMRES(_base.LinearSolver):
     Nonsymmetric Linear Systems", SIAM J. Sci. Stat. Comput., 1986.
   """
 
-  steps: int = 20
   restart: int = 20
-  tol: float = 1e-10
 
   def __post_init__(self) -> None:
     super().__post_init__()
-    cg.check_iteration_settings("GMRES", self.steps, self.tol)
     _base.check_int("GMRES", "restart", self.restart, minimum=1)
 
   def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
+    tol = self.stop_tol(_base.tree_dtype(b))
     flat_b, unravel = ravel_pytree(b)
     flat_matvec = lambda v: ravel_pytree(matvec(unravel(v)))[0].astype(flat_b.dtype)
-    threshold = self.tol * jnp.linalg.norm(flat_b)
+    threshold = tol * jnp.linalg.norm(flat_b)
     restart = min(self.restart, max(self.steps, 1))
 
     def keep_going(it: _Cycle) -> jax.Array:
@@ -153,4 +151,4 @@ class GMRES(_base.LinearSolver):
     start = (jnp.zeros_like(flat_b), flat_b, jnp.zeros((), jnp.int32), jnp.array(False))
     flat_x, r, k, _ = jax.lax.while_loop(keep_going, cycle, parallel.vary_carry(start))
     x = unravel(flat_x)
-    return x, _base.make_info(x, unravel(r), b, k, tol=self.tol), None
+    return x, _base.make_info(x, unravel(r), b, k, tol=tol), None

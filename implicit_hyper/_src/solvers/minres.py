@@ -9,14 +9,13 @@ import optax.tree_utils as otu
 from implicit_hyper._src import parallel
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
-from implicit_hyper._src.solvers import cg
 from implicit_hyper._src.solvers._base import Matvec
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree()
-class MINRES(_base.LinearSolver):
+class MINRES(_base.KrylovSolver):
   r"""Minimum residual method (Paige & Saunders, 1975) for symmetric A, definite or not.
 
   After k steps (k products), ``x_k`` minimises ``||b - A x||`` over the Krylov space
@@ -38,7 +37,8 @@ class MINRES(_base.LinearSolver):
 
   Args:
     steps: the most iterations to run (one product each, and one for the residual).
-    tol: stop once ``||A x - b|| <= tol ||b||``.
+    tol: stop once ``||A x - b|| <= tol ||b||`` (None: `default_tol` of the dtype,
+      1e-10 in float64); a solve that stops at `steps` above it is not converged.
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
@@ -53,20 +53,15 @@ class MINRES(_base.LinearSolver):
     SIAM J. Numer. Anal., 1975.
   """
 
-  steps: int = 20
-  tol: float = 1e-10
   requires_symmetric = True
-
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    cg.check_iteration_settings("MINRES", self.steps, self.tol)
 
   def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
+    tol = self.stop_tol(_base.tree_dtype(b))
     dtype = _base.tree_dtype(b)
     scalar = lambda value: jnp.asarray(value, dtype)
     beta_1 = _vectors.norm(b).astype(dtype)
-    threshold = self.tol * beta_1
+    threshold = tol * beta_1
     v = _vectors.scaled(1.0 / jnp.where(beta_1 > 0, beta_1, 1.0), b)
     zeros = otu.tree_zeros_like(b)
     start = {
@@ -138,7 +133,7 @@ class MINRES(_base.LinearSolver):
       b,
       it["k"],
       it["broke"],
-      tol=self.tol,
+      tol=tol,
       negative_curvature=it["negative"],
     )
     return it["x"], info, None

@@ -7,6 +7,7 @@ from typing import TypeAlias
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.typing import DTypeLike
 
 from implicit_hyper._src import parallel
 from implicit_hyper._src import spectral
@@ -73,12 +74,20 @@ class Neumann(_base.LinearSolver):
   negative ``theta_min`` proves that A is indefinite, so the series diverges: the solve
   reports it as `SolveInfo.negative_curvature`.
 
+  The series is inexact by design (the paper's method): its `SolveInfo` reports
+  ``converged`` whenever it did not diverge, unless a `tol` is given, which it then
+  claims: the loop stops once the residual is below it (a `jax.lax.while_loop` then; the
+  `fori_loop` of K terms otherwise) and a solve that ends above it is not converged.
+  Zero terms (``steps=0``) return ``x = 0`` and are never converged (unless ``b = 0``).
+
   Args:
-    steps: K, the number of terms and of matrix-vector products (>= 0).
+    steps: K, the number of terms and of matrix-vector products (>= 0); with `tol`, the
+      most terms.
     alpha: the step ``alpha > 0``. None estimates it as above; the estimate is kept in
       the solver state and renewed every `refresh_every` solves. May be a traced array.
     estimate_steps: Lanczos steps (products) of the estimate when ``alpha`` is None.
     refresh_every: solves between estimates when the state is carried (`ih.bilevel`).
+    tol: None (K terms, inexact by design), or a relative residual to stop at and claim.
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
@@ -99,9 +108,12 @@ class Neumann(_base.LinearSolver):
   alpha: float | jax.Array | None = None
   estimate_steps: int = 4
   refresh_every: int = 10
+  tol: float | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
+    if self.tol is not None:
+      _base.check_nonnegative("Neumann", "tol", self.tol)
     _base.check_int("Neumann", "steps", self.steps, minimum=0)
     _base.check_int("Neumann", "estimate_steps", self.estimate_steps, minimum=1)
     _base.check_int("Neumann", "refresh_every", self.refresh_every, minimum=1)
@@ -109,6 +121,11 @@ class Neumann(_base.LinearSolver):
       isinstance(self.alpha, (int, float)) and not self.alpha > 0
     ):
       raise ValueError(f"`Neumann(alpha=...)` must be positive, got {self.alpha!r}.")
+
+  def residual_target(self, dtype: DTypeLike) -> float | None:
+    """`tol` (None: no claim beyond not diverging); 0 for zero terms, which solve nothing."""
+    del dtype
+    return 0.0 if self.steps == 0 else self.tol
 
   @property
   def requires_symmetric(self) -> bool:
@@ -174,10 +191,20 @@ class Neumann(_base.LinearSolver):
       p = _vectors.add_scaled(p, -alpha, matvec(p))
       return x, p
 
-    x, p = jax.lax.fori_loop(0, self.steps, term, (otu.tree_zeros_like(b), b))
+    start = (otu.tree_zeros_like(b), b)
+    if self.tol is None:
+      x, p = jax.lax.fori_loop(0, self.steps, term, start)
+      num_steps: int | jax.Array = self.steps
+    else:
+      threshold = self.tol * otu.tree_norm(b)
+      x, p, num_steps = jax.lax.while_loop(
+        lambda c: (c[2] < self.steps) & (otu.tree_norm(c[1]) > threshold),
+        lambda c: (*term(c[2], (c[0], c[1])), c[2] + 1),
+        parallel.vary_carry((*start, jnp.zeros((), jnp.int32))),
+      )
     negative: bool | jax.Array = False
     if state is not None:
       # Ritz values are exact to about sqrt(eps) |A|: below that, round-off is no proof.
       tolerance = jnp.sqrt(jnp.finfo(_base.tree_dtype(b)).eps) / alpha
       negative = state.min_eigenvalue < -tolerance
-    return x, _base.make_info(x, p, b, self.steps, negative_curvature=negative), state
+    return x, _base.make_info(x, p, b, num_steps, negative_curvature=negative), state

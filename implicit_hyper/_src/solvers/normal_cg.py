@@ -10,7 +10,7 @@ from implicit_hyper._src.solvers._base import SolveInfo
 
 
 @_base.solver_pytree()
-class NormalCG(_base.LinearSolver):
+class NormalCG(_base.KrylovSolver):
   """Solves ``A x = b`` for any invertible A by CG on ``A^T A x = A^T b``.
 
   The transpose product comes from `jax.linear_transpose` of `matvec`, so no extra
@@ -30,15 +30,9 @@ class NormalCG(_base.LinearSolver):
     [1.0, 1.0]
   """
 
-  steps: int = 20
-  tol: float = 1e-10
-
-  def __post_init__(self) -> None:
-    super().__post_init__()
-    cg.check_iteration_settings("NormalCG", self.steps, self.tol)
-
   def compute(self, matvec: Matvec, b: PyTree, state: None) -> tuple[PyTree, SolveInfo, None]:
     del state
+    tol = self.stop_tol(_base.tree_dtype(b))
     rmatvec = jax.linear_transpose(matvec, b)
 
     def normal_matvec(v: PyTree) -> PyTree:
@@ -46,8 +40,8 @@ class NormalCG(_base.LinearSolver):
       return out
 
     (rhs,) = rmatvec(b)
-    x, info = cg.conjugate_gradient(normal_matvec, rhs, None, steps=self.steps, tol=self.tol)
+    x, info = cg.conjugate_gradient(normal_matvec, rhs, None, steps=self.steps, tol=tol)
     info = _base.make_info(
-      x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged, tol=self.tol
+      x, _base.residual(matvec, x, b), b, info.num_steps, info.diverged, tol=tol
     )
     return x, info, None

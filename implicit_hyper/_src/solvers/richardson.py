@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import optax.tree_utils as otu
+from jax.typing import DTypeLike
 
 from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers import _vectors
@@ -30,6 +31,9 @@ class Richardson(_base.LinearSolver):
     step_size: ``omega > 0``.
     steps: products per solve (>= 1).
     warm_start: start from the previous solution kept in the state (zero when fresh).
+    tol: None (inexact by design: a step of an online adjoint update claims nothing but
+      finite values), or a relative residual the solve claims: above it (for the iterate
+      before the last step) it reports ``converged=False``. It does not stop the loop.
     ridge: solve ``(A + ridge I) x = b`` instead.
 
   Example:
@@ -48,14 +52,22 @@ class Richardson(_base.LinearSolver):
   step_size: float | jax.Array = 0.1
   steps: int = 1
   warm_start: bool = True
+  tol: float | None = None
 
   def __post_init__(self) -> None:
     super().__post_init__()
+    if self.tol is not None:
+      _base.check_nonnegative("Richardson", "tol", self.tol)
     _base.check_int("Richardson", "steps", self.steps, minimum=1)
     if isinstance(self.step_size, bool) or (
       isinstance(self.step_size, (int, float)) and not self.step_size > 0
     ):
       raise ValueError(f"`Richardson(step_size=...)` must be positive, got {self.step_size!r}.")
+
+  def residual_target(self, dtype: DTypeLike) -> float | None:
+    """`tol` (None: no claim beyond finite values)."""
+    del dtype
+    return self.tol
 
   def init(self, like: PyTree) -> PyTree | None:
     return otu.tree_zeros_like(like) if self.warm_start else None
