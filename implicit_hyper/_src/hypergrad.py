@@ -13,6 +13,7 @@ from implicit_hyper._src import operators
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import resolve
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import SolveInfo
 from implicit_hyper._src.solvers._base import Solver
@@ -84,7 +85,9 @@ def hypergrad(
     >>> round(float(g), 6)  # d/dlam of 1.5 / (1 + lam)^2 = -3 / (1 + lam)^3
     -0.375
   """
-  checks = trust.Checks(on_failure, stationarity_tol=stationarity_tol, curvature=False)
+  checks = trust.Checks(
+    on_failure, stationarity_tol=stationarity_tol, curvature=False, unconverged=False
+  )
   report = trust.reporter("hypergrad", checks.validate("hypergrad"))
   grads, info, _ = hypergrad_with_info(
     inner_loss,
@@ -133,7 +136,7 @@ def hypergrad_with_info(
     hypergradient.
   """
   call = "hypergrad"
-  linear_solver: Solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
+  linear_solver: Solver = resolve.as_solver(call, solver, Neumann(), symmetric=True)
   validation.check_float_tree(call, "hparams", hparams)
   validation.check_real_tree(call, "params", params)
   validation.check_args_tuple(call, "inner_args", inner_args)

@@ -13,12 +13,21 @@ from implicit_hyper._src import rule_cache
 from implicit_hyper._src import signature
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
-from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import resolve
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import SolverLike
 from implicit_hyper._src.solvers.bicgstab import BiCGStab
-from implicit_hyper._src.solvers.neumann import Neumann
+from implicit_hyper._src.solvers.cg import CG
 from implicit_hyper._src.trust import HypergradientWarning as HypergradientWarning
+
+# The backward solve when none is given: a decorated inner solver claims a solution, so
+# its derivative is meant to be exact. A Krylov method at its default `tol` (1e-10 in
+# float64) within a budget that converges on well-posed problems of a few hundred
+# unknowns (condition numbers in the hundreds); one that does not get there is flagged.
+# CG for the symmetric Hessian of `implicit_argmin`, BiCGStab (two products a step) for
+# the general Jacobians of `implicit_root` and `implicit_fixed_point`.
+DEFAULT_ARGMIN_SOLVER = CG(steps=100)
+DEFAULT_ROOT_SOLVER = BiCGStab(steps=100)
 
 
 def implicit_argmin(
@@ -72,7 +81,7 @@ def implicit_argmin(
   Args:
     inner_loss: ``inner_loss(params, hparams, *args, **kwargs)`` -> scalar.
     solver: a linear solver for ``H u = v``, or a function ``solve(matvec, b) -> x``;
-      `ih.Neumann()` when None.
+      ``ih.CG(steps=100)`` when None (flagged when it misses its tolerance).
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
     loss_has_aux: `inner_loss` returns ``(loss, aux)``, as for
       ``jax.value_and_grad(has_aux=True)``; `aux` is ignored here.
@@ -107,7 +116,7 @@ def implicit_argmin(
   """
   call = "implicit_argmin"
   _check_callable(call, "inner_loss", inner_loss)
-  solver = _base.as_solver(call, solver, Neumann(), symmetric=True)
+  solver = resolve.as_solver(call, solver, DEFAULT_ARGMIN_SOLVER, symmetric=True)
   loss = validation.loss_value(call, "inner_loss", inner_loss, loss_has_aux)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
@@ -141,8 +150,8 @@ def implicit_root(
     \qquad A = \frac{\partial F}{\partial \theta}(\theta^*),
 
   in every mode, as `implicit_argmin`. A need not be symmetric, so the default solver is
-  `ih.BiCGStab()` and solvers that need symmetry (`ih.CG`, `ih.Neumann` with automatic
-  alpha) are rejected unless ``symmetric=True``. For a fixed point ``theta = T(theta)``
+  ``ih.BiCGStab(steps=100)`` and solvers that need symmetry (`ih.CG`, `ih.Neumann` with
+  automatic alpha) are rejected unless ``symmetric=True``. For a fixed point ``theta = T(theta)``
   use `implicit_fixed_point`.
 
   The call is split as in `implicit_argmin` (``init_params=None``, ``hparams`` by
@@ -151,8 +160,8 @@ def implicit_root(
 
   Args:
     optimality_fn: ``F(params, hparams, *args, **kwargs)``, a pytree shaped like params.
-    solver: a linear solver, or a function ``solve(matvec, b) -> x``; `ih.BiCGStab()`
-      when None.
+    solver: a linear solver, or a function ``solve(matvec, b) -> x``;
+      ``ih.BiCGStab(steps=100)`` when None.
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
     symmetric: promise that ``dF/dparams`` is symmetric, allowing symmetric-only solvers.
     on_failure: "warn", "raise" or "ignore"; see `implicit_argmin`.
@@ -177,7 +186,7 @@ def implicit_root(
   """
   call = "implicit_root"
   _check_callable(call, "optimality_fn", optimality_fn)
-  solver = _base.as_solver(call, solver, BiCGStab(), symmetric=symmetric)
+  solver = resolve.as_solver(call, solver, DEFAULT_ROOT_SOLVER, symmetric=symmetric)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
     return differentiable.like_floating(optimality_fn(params, hparams, *args, **kwargs), params)
@@ -219,7 +228,7 @@ def implicit_fixed_point(
   Args:
     fixed_point_fn: ``T(params, hparams, *args, **kwargs)``, a pytree shaped like params.
     solver: a linear solver for ``I - J``, or a function ``solve(matvec, b) -> x``;
-      `ih.BiCGStab()` when None.
+      ``ih.BiCGStab(steps=100)`` when None.
     has_aux: the solver returns ``(params, aux)``; `aux` is passed through as constant.
     on_failure: "warn", "raise" or "ignore"; see `implicit_argmin`.
     tol: also flag backward solves whose relative residual exceeds `tol`.
@@ -243,8 +252,9 @@ def implicit_fixed_point(
   """
   call = "implicit_fixed_point"
   _check_callable(call, "fixed_point_fn", fixed_point_fn)
-  solver = _base.as_solver(call, solver, BiCGStab(), symmetric=True).for_fixed_point()
-  _base.as_solver(call, solver, None, symmetric=False)
+  solver = resolve.as_solver(call, solver, DEFAULT_ROOT_SOLVER, symmetric=True)
+  solver = solver.for_fixed_point()
+  resolve.as_solver(call, solver, None, symmetric=False)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
     image = differentiable.like_floating(fixed_point_fn(params, hparams, *args, **kwargs), params)

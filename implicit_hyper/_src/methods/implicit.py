@@ -18,6 +18,7 @@ from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
 from implicit_hyper._src.solvers import _base
+from implicit_hyper._src.solvers import resolve
 from implicit_hyper._src.solvers._base import PyTree
 from implicit_hyper._src.solvers._base import Solver
 from implicit_hyper._src.solvers._base import SolverLike
@@ -129,7 +130,7 @@ def bilevel(
     inner_optimizer=inner_optimizer,
     outer_optimizer=outer_optimizer,
     inner_steps=inner_steps,
-    solver=_base.as_solver(call, solver, Neumann(), symmetric=True),
+    solver=resolve.as_solver(call, solver, Neumann(), symmetric=True),
     implicit=method == "implicit",
     unroll=0 if method == "implicit" and not optimizer_hparams else (unroll_steps or inner_steps),
     constrain=transforms.hparam_transformation(hparam_transform),
