@@ -133,8 +133,14 @@ def match_varying(tree: PyTree, like: PyTree) -> PyTree:
   return vary_like(jax.tree.map(cast, tree, like), like)
 
 
-def check_collectives(call: str, name: str, fn: Callable[..., Any], *args: Any) -> None:
-  """Refuses `fn` when it reduces over a manual axis whose replication JAX does not track."""
+def check_collectives(what: str, fn: Callable[..., Any], *args: Any) -> None:
+  """Refuses `fn` (named `what`) when it reduces over a mapped axis that JAX does not check.
+
+  Without replication checking JAX transposes ``psum`` to ``psum``, as if each device's
+  copy of a replicated input were an input of its own: ``jax.grad`` of a loss averaged
+  with ``lax.pmean`` is then each device's local gradient. `fn` is traced once
+  (`jax.make_jaxpr`), only inside such a context.
+  """
   axes = tuple(jax.sharding.get_abstract_mesh().manual_axes)
   if not axes or varying_axes(_vary(jnp.zeros(()), axes)):
     return
@@ -143,7 +149,7 @@ def check_collectives(call: str, name: str, fn: Callable[..., Any], *args: Any) 
   if reduced and not _uses_pmean_gradient(jaxpr):
     axis = reduced[0]
     raise ValueError(
-      f"`{call}({name}=...)` reduces over the mapped axis {axis!r} (a `lax.pmean` or "
+      f"{what} reduces over the mapped axis {axis!r} (a `lax.pmean` or "
       "`lax.psum`) where JAX does not track replication (`jax.shard_map(..., "
       "check_vma=False)` or `jax.pmap`). There `jax.grad` of the loss is each device's "
       "local gradient, not the gradient of the averaged loss, so every Hessian-vector "

@@ -119,7 +119,9 @@ def failures(info: _base.SolveInfo, checks: Checks) -> tuple[str, ...]:
     reasons.append(
       f"the inner solver's output is not a solution: relative stationarity "
       f"{np.nanmax(stationarity):.3g} > {checks.stationarity_tol:g} (the theorem holds at a "
-      "stationary point; run the inner solver longer, or for a non-smooth problem "
+      "stationary point; run the inner solver longer (under `jax.jit`, write a long loop as "
+      "`jax.lax.fori_loop` or `scan`: a Python `for` loop is unrolled, and compiles in time "
+      "growing with its number of steps), or for a non-smooth problem "
       "differentiate a proximal-gradient fixed point with `ih.implicit_fixed_point`; or the "
       "loss takes its arguments in the wrong order: it must be `loss(params, hparams, "
       "...)`, params first, then hparams)"
