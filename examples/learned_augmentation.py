@@ -1,25 +1,29 @@
-"""Learning a data-augmentation network by implicit differentiation.
+"""Learning a data-augmentation distribution by implicit differentiation.
 
-The hyperparameters are the weights phi of a small convolutional augmentation network
-that maps an image x and a channel of per-example Gaussian noise z to a sample
+The augmenter draws, for each training image x, a random affine warp and per-pixel
+Gaussian noise,
 
-    a_phi(x, z) = x + tanh(r_phi(x, z)),
+    a_phi(x, z, e) = warp(x; mu + sigma * e) + s * z,      e ~ N(0, I_6), z ~ N(0, I),
 
-residual, with its last layer initialised to zero so that training starts without
-augmentation, and random through z. A small CNN classifier theta is trained on
-augmented training images; phi is tuned for the clean validation images:
+a bilinear resampling of x at A p + t for A = I + (4 entries) and a shift t in pixels.
+The hyperparameters phi are the logs of the warp's six standard deviations sigma and of
+the per-pixel noise stds s (and, with --learn-mean, the warp's mean mu; zero otherwise).
+The noise std starts at the value of the Gaussian-noise baseline, so that the learned
+augmenter starts at that baseline plus small warps. A small CNN classifier theta is
+trained on augmented training images; phi is tuned for the clean validation images:
 
-    L_T(theta, phi) = CE(theta; a_phi(x_train, z)) + l2/2 ||theta||^2,
+    L_T(theta, phi) = CE(theta; a_phi(x_train, z, e)) + l2/2 ||theta||^2,
     L_V(theta)      = CE(theta; x_validation).
 
 phi enters the training loss only, which the implicit function theorem needs. The loop
-is the paper's Algorithm 1 (`ih.bilevel`): ten Adam steps on theta (fresh noise for
+is the paper's Algorithm 1 (`ih.bilevel`): ten Adam steps on theta (fresh z and e for
 each, passed in as data), then one Adam step on phi along the Neumann hypergradient,
-as in the learned data augmentation of Lorraine, Vicol & Duvenaud (AISTATS 2020). The
-baselines train the same classifier with the same steps and minibatches on the clean
-training images, and on training images plus Gaussian noise of a fixed std (not tuned
-on validation data). All are repeated over several seeds, each with its own split,
-initialisation and noise.
+after --warmup hyper steps at outer rate zero, as in the learned data augmentation of
+Lorraine, Vicol & Duvenaud (AISTATS 2020). The baselines train the same classifier with
+the same steps and minibatches on the clean training images, on training images plus
+Gaussian noise of a fixed std (not tuned on validation data), and on the augmenter's
+initial distribution, frozen. All are repeated over several seeds, each with its own
+split, initialisation and noise.
 
     python examples/learned_augmentation.py [--quick] [--out DIR] [--seed N] [--seeds S]
         [--dataset digits|mnist|cifar10 --data-dir DIR]
@@ -42,6 +46,8 @@ from ih_examples import splits
 import implicit_hyper as ih
 
 EVAL_CHUNK = 1000  # test images per forward pass
+WARP_STD, SHIFT_STD = 0.05, 0.5  # the warp's initial stds: A - I's entries, shift in pixels
+WARMUP = 100  # hyper steps at outer rate 0: the classifier first fits the initial augmentation
 
 
 def parse_args(argv=None):
@@ -54,10 +60,23 @@ def parse_args(argv=None):
   parser.add_argument("--batch-size", type=int, default=64, help="training images per step")
   parser.add_argument("--neumann-steps", type=int, default=20, help="Neumann series terms")
   parser.add_argument("--inner-lr", type=float, default=3e-3, help="Adam rate of the classifier")
-  parser.add_argument("--outer-lr", type=float, default=1e-3, help="Adam rate of the augmenter")
+  parser.add_argument("--outer-lr", type=float, default=1e-2, help="Adam rate of the augmenter")
   parser.add_argument("--l2", type=float, default=1e-4, help="classifier weight decay")
   parser.add_argument(
     "--noise-std", type=float, default=0.3, help="std of the Gaussian-noise baseline's noise"
+  )
+  parser.add_argument(
+    "--warp-std", type=float, default=WARP_STD, help="initial std of each entry of A - I"
+  )
+  parser.add_argument(
+    "--shift-std", type=float, default=SHIFT_STD, help="initial std of the shift, in pixels"
+  )
+  parser.add_argument(
+    "--init-noise-std", type=float, default=None, help="initial pixel noise std (--noise-std)"
+  )
+  parser.add_argument("--learn-mean", action="store_true", help="tune the warp's mean too")
+  parser.add_argument(
+    "--warmup", type=int, default=None, help="first hyper steps at outer rate 0 (WARMUP)"
   )
   args = parser.parse_args(argv)
   quick = {"seeds": 3, "hyper_steps": 20}
@@ -67,6 +86,10 @@ def parse_args(argv=None):
       setattr(args, name, value)
   if args.seeds < 2:
     parser.error("--seeds must be at least 2 for a standard deviation")
+  if args.init_noise_std is None:
+    args.init_noise_std = args.noise_std
+  if args.warmup is None:
+    args.warmup = min(WARMUP, args.hyper_steps // 2)
   return args
 
 
@@ -102,18 +125,48 @@ def average_pool(x):
   return x.reshape(n, x.shape[1] // 2, 2, x.shape[2] // 2, 2, channels).mean(axis=(2, 4))
 
 
-class Augmenter(nn.Module):
-  """``x + tanh(r(x, z))``: three 3x3 convolutions on the image and a noise channel z."""
+def affine_warp(x, warp):
+  """Bilinear resampling of images x (n, h, w, c) at ``A (p - centre) + centre + shift``.
 
-  features: int = 16
+  `warp` (n, 6) holds ``A - I`` (4 entries, row-major) and the shift in pixels. Pixels
+  that fall outside the image read zeros. The bilinear weights of every output pixel on
+  every input pixel form one dense (h w, h w) matrix per image: small images only.
+  """
+  n, height, width, channels = x.shape
+  rows, cols = jnp.meshgrid(jnp.arange(height), jnp.arange(width), indexing="ij")
+  grid = jnp.stack([rows.ravel(), cols.ravel()], -1).astype(x.dtype)  # (hw, 2)
+  centre = jnp.array([(height - 1) / 2, (width - 1) / 2], x.dtype)
+  matrix = jnp.eye(2, dtype=x.dtype) + warp[:, :4].reshape(n, 2, 2)
+  source = jnp.einsum("nij,pj->npi", matrix, grid - centre) + centre + warp[:, None, 4:]
+  weights = jnp.prod(
+    jax.nn.relu(1 - jnp.abs(source[:, :, None, :] - grid[None, None, :, :])), axis=-1
+  )  # (n, hw_out, hw_in)
+  out = jnp.einsum("npq,nqc->npc", weights, x.reshape(n, height * width, channels))
+  return out.reshape(x.shape)
+
+
+class AffineAugmenter(nn.Module):
+  """``warp(x; mu + sigma * e) + s * z``: a random affine warp and per-pixel noise.
+
+  The parameters are log sigma (6), log s (one per pixel and channel) and, when
+  `learn_mean`, mu (6; zero otherwise).
+  """
+
+  warp_std: float = 0.05
+  shift_std: float = 0.5
+  noise_std: float = 0.3
+  learn_mean: bool = False
 
   @nn.compact
-  def __call__(self, x, noise):
-    h = jnp.concatenate([x, noise], axis=-1)
-    h = nn.relu(Conv3x3(self.features)(h))
-    h = nn.relu(Conv3x3(self.features)(h))
-    residual = Conv3x3(x.shape[-1], kernel_init=nn.initializers.zeros)(h)
-    return x + jnp.tanh(residual)
+  def __call__(self, x, noise, warp_noise):
+    init_log_std = jnp.log(jnp.array([self.warp_std] * 4 + [self.shift_std] * 2))
+    mean = self.param("warp_mean", nn.initializers.zeros, (6,)) if self.learn_mean else 0.0
+    log_std = self.param("warp_log_std", lambda _, s: init_log_std, (6,))
+    log_noise = self.param(
+      "noise_log_std", lambda _, s: jnp.full(s, jnp.log(self.noise_std)), x.shape[1:]
+    )
+    warped = affine_warp(x, mean + jnp.exp(log_std) * warp_noise)
+    return warped + jnp.exp(log_noise) * noise
 
 
 class Classifier(nn.Module):
@@ -139,8 +192,8 @@ def make_losses(augmenter, classifier, l2):
     x, y = batch
     return cross_entropy(params, x, y) + 0.5 * l2 * otu.tree_norm(params, squared=True)
 
-  def augmented_train_loss(params, augmenter_params, x, y, noise):
-    augmented = augmenter.apply({"params": augmenter_params}, x, noise)
+  def augmented_train_loss(params, augmenter_params, x, y, noise, warp_noise):
+    augmented = augmenter.apply({"params": augmenter_params}, x, noise, warp_noise)
     return clean_train_loss(params, (augmented, y))
 
   def validation_loss(params, augmenter_params, x, y):
@@ -157,7 +210,8 @@ def minibatches(rng, train, args):
     [rng.choice(len(x), args.batch_size, replace=False) for _ in range(args.inner_steps)]
   )
   noise = rng.standard_normal((*index.shape, *x.shape[1:3], 1)).astype(np.float32)
-  return x[index], y[index], noise
+  warp_noise = rng.standard_normal((*index.shape, 6)).astype(np.float32)
+  return x[index], y[index], noise, warp_noise
 
 
 def accuracy(predict, params, x, y):
@@ -198,7 +252,10 @@ class Experiment:
 
   def __init__(self, args, num_classes):
     self.args = args
-    self.augmenter, self.classifier = Augmenter(), Classifier(num_classes)
+    self.augmenter = AffineAugmenter(
+      args.warp_std, args.shift_std, args.init_noise_std, args.learn_mean
+    )
+    self.classifier = Classifier(num_classes)
     augmented_loss, clean_loss, validation_loss = make_losses(
       self.augmenter, self.classifier, args.l2
     )
@@ -206,7 +263,11 @@ class Experiment:
       augmented_loss,
       validation_loss,
       optax.adam(args.inner_lr),
-      optax.adam(args.outer_lr),
+      optax.adam(
+        optax.schedules.join_schedules(
+          [optax.constant_schedule(0.0), optax.constant_schedule(args.outer_lr)], [args.warmup]
+        )
+      ),
       inner_steps=args.inner_steps,
       # The classifier trains from scratch and its curvature grows fast: with the default
       # estimate of the Neumann step every 10 hyper steps, most early series diverge.
@@ -221,7 +282,7 @@ class Experiment:
 
       def update(carry, batch):
         params, opt_state = carry
-        x, y, noise = batch
+        x, y, noise, _ = batch
         grads = jax.grad(clean_loss)(params, (x + noise_std * noise, y))
         updates, opt_state = inner_optimizer.update(grads, opt_state)
         return (optax.apply_updates(params, updates), opt_state), None
@@ -229,8 +290,24 @@ class Experiment:
       return jax.lax.scan(update, (params, opt_state), batches)[0]
 
     self.baseline_steps = baseline_steps
+
+    @jax.jit
+    def frozen_steps(params, opt_state, batches, phi):
+      """`inner_steps` Adam steps on the augmenter's initial, untuned augmentation."""
+
+      def update(carry, batch):
+        params, opt_state = carry
+        grads = jax.grad(augmented_loss)(params, phi, *batch)
+        updates, opt_state = inner_optimizer.update(grads, opt_state)
+        return (optax.apply_updates(params, updates), opt_state), None
+
+      return jax.lax.scan(update, (params, opt_state), batches)[0]
+
+    self.frozen_steps = frozen_steps
     self.predict = jax.jit(lambda params, x: self.classifier.apply({"params": params}, x))
-    self.augment = jax.jit(lambda phi, x, noise: self.augmenter.apply({"params": phi}, x, noise))
+    self.augment = jax.jit(
+      lambda phi, x, noise, e: self.augmenter.apply({"params": phi}, x, noise, e)
+    )
 
   def run(self, seed, data, bar):
     """Trains with the learned augmentation, without, and with Gaussian noise.
@@ -243,16 +320,19 @@ class Experiment:
     )
     classifier_key, augmenter_key = jax.random.split(jax.random.key(seed))
     params = self.classifier.init(classifier_key, train[0][:1])["params"]
-    phi = self.augmenter.init(augmenter_key, train[0][:1], train[0][:1, ..., :1])["params"]
+    phi = self.augmenter.init(
+      augmenter_key, train[0][:1], train[0][:1, ..., :1], np.zeros((1, 6), np.float32)
+    )["params"]
     state = self.loop.init(params, phi)
     baselines = {"noaug": 0.0, "noise": args.noise_std}
-    trained = {name: (params, self.inner_optimizer.init(params)) for name in baselines}
+    trained = {name: (params, self.inner_optimizer.init(params)) for name in (*baselines, "frozen")}
     rng, start = np.random.default_rng(seed), time.perf_counter()
     for _ in range(args.hyper_steps):
       batches = minibatches(rng, train, args)
       state, metrics = self.hyper_step(state, batches, validation)
       for name, noise_std in baselines.items():
         trained[name] = self.baseline_steps(*trained[name], batches, noise_std)
+      trained["frozen"] = self.frozen_steps(*trained["frozen"], batches, phi)
       bar.set_postfix(seed=seed, train_loss=float(metrics.inner_loss), refresh=False)
       bar.update()
     final = {"aug": state.params, **{name: p for name, (p, _) in trained.items()}}
@@ -261,11 +341,23 @@ class Experiment:
       results[f"{name}_test_acc"] = accuracy(self.predict, final_params, *test)
       results[f"{name}_val_acc"] = accuracy(self.predict, final_params, *validation)
     results |= {
+      "warp_std": np.exp(state.hparams["warp_log_std"]).tolist(),
+      "noise_std": float(np.exp(state.hparams["noise_log_std"]).mean()),
       "skipped_hyper_steps": int(metrics.num_skipped),
       "seconds": time.perf_counter() - start,
       "test_size": len(test[0]),
     }
     return results, state, train
+
+
+def learned_distribution(runs):
+  """The learned stds, averaged over seeds: A - I's entries, the shift, the pixel noise."""
+  warp = np.array([run["warp_std"] for run in runs]).mean(axis=0)
+  return {
+    "linear_std": warp[:4].tolist(),
+    "shift_std": warp[4:].tolist(),
+    "noise_std": float(np.mean([run["noise_std"] for run in runs])),
+  }
 
 
 def main(argv=None):
@@ -280,12 +372,16 @@ def main(argv=None):
 
   # Five augmented samples of eight training images of the last seed.
   x = train[0][:8]
-  noise = np.random.default_rng(args.seed).standard_normal((5, *x.shape[:3], 1))
-  samples = np.stack([experiment.augment(state.hparams, x, z.astype(np.float32)) for z in noise], 1)
+  sample_rng = np.random.default_rng(args.seed)
+  noise = sample_rng.standard_normal((5, *x.shape[:3], 1)).astype(np.float32)
+  warp_noise = sample_rng.standard_normal((5, len(x), 6)).astype(np.float32)
+  samples = np.stack(
+    [experiment.augment(state.hparams, x, z, e) for z, e in zip(noise, warp_noise, strict=True)], 1
+  )
   plot_samples(x, samples, args.out / "learned_augmentation.png")
 
   test_acc = {
-    k: np.array([run[f"{k}_test_acc"] for run in runs]) for k in ("aug", "noaug", "noise")
+    k: np.array([run[f"{k}_test_acc"] for run in runs]) for k in ("aug", "noaug", "noise", "frozen")
   }
   result = {}
   for name, accuracies in test_acc.items():
@@ -296,6 +392,14 @@ def main(argv=None):
     "test_acc_gain_mean": (test_acc["aug"] - test_acc["noaug"]).mean(),
     "test_acc_gain_std": (test_acc["aug"] - test_acc["noaug"]).std(ddof=1),
     "noise_std": args.noise_std,
+    "vs_noise_gain_mean": (test_acc["aug"] - test_acc["noise"]).mean(),
+    "vs_noise_gain_std": (test_acc["aug"] - test_acc["noise"]).std(ddof=1),
+    "vs_frozen_gain_mean": (test_acc["aug"] - test_acc["frozen"]).mean(),
+    "vs_frozen_gain_std": (test_acc["aug"] - test_acc["frozen"]).std(ddof=1),
+    "frozen_gain_mean": (test_acc["frozen"] - test_acc["noise"]).mean(),
+    "frozen_gain_std": (test_acc["frozen"] - test_acc["noise"]).std(ddof=1),
+    "learned": learned_distribution(runs),
+    "warmup": args.warmup,
     "augmentation_mean_abs_change": np.abs(samples - x[:, None]).mean(),
     "augmentation_sample_std": samples.std(axis=1).mean(),
     "seeds": args.seeds,
@@ -310,22 +414,41 @@ def main(argv=None):
     f"Test accuracy over {args.seeds} seeds ({args.train_size} training, {args.val_size} "
     f"validation, {runs[0]['test_size']} test images; {result['num_hyperparams']:,} "
     "hyperparameters)",
-    ("seed", "learned augmentation", "no augmentation", f"noise std {args.noise_std:g}", "skipped"),
+    (
+      "seed",
+      "learned augmentation",
+      "no augmentation",
+      f"noise std {args.noise_std:g}",
+      "initial augmenter",
+      "skipped",
+    ),
     [
       (
         r["seed"],
         r["aug_test_acc"],
         r["noaug_test_acc"],
         r["noise_test_acc"],
+        r["frozen_test_acc"],
         r["skipped_hyper_steps"],
       )
       for r in runs
     ]
     + [
-      (stat, *(result[f"{name}_test_acc_{stat}"] for name in ("aug", "noaug", "noise")), "")
+      (
+        stat,
+        *(result[f"{name}_test_acc_{stat}"] for name in ("aug", "noaug", "noise", "frozen")),
+        "",
+      )
       for stat in ("mean", "std")
     ],
   )
+  for name, against in (("vs_noise", "noise"), ("vs_frozen", "frozen"), ("frozen", "noise")):
+    gain, std = result[f"{name}_gain_mean"], result[f"{name}_gain_std"]
+    first = "learned augmentation" if name != "frozen" else "frozen"
+    print(
+      f"paired gain of the {first} over {against}: {gain:+.4f}"
+      f" (two standard errors {2 * std / np.sqrt(args.seeds):.4f})"
+    )
   print(f"wrote {args.out}/metrics.json and {args.out}/learned_augmentation.png")
   return result
 

@@ -63,20 +63,24 @@ def test_learned_augmentation_reports_paired_seeds_and_a_noisy_augmenter(tmp_pat
     "noaug_test_acc_mean",
     "noaug_test_acc_std",
     "noise_test_acc_mean",
+    "frozen_test_acc_mean",
+    "vs_noise_gain_mean",
     "num_hyperparams",
   ):
     assert key in metrics
-  # Three 3x3 convolutions: (image + noise) -> 16 -> 16 -> 1 channel, with biases.
-  assert metrics["num_hyperparams"] == (2 * 9 * 16 + 16) + (16 * 9 * 16 + 16) + (16 * 9 + 1)
+  # The log stds of the warp's six parameters and of each of the 8x8 pixels' noise.
+  assert metrics["num_hyperparams"] == 6 + 8 * 8
   runs = metrics["runs"]
   assert len(runs) >= 3
-  for method in ("aug", "noaug", "noise"):
+  for method in ("aug", "noaug", "noise", "frozen"):
     accuracies = np.array([run[f"{method}_test_acc"] for run in runs])
     np.testing.assert_allclose(metrics[f"{method}_test_acc_mean"], accuracies.mean())
     np.testing.assert_allclose(metrics[f"{method}_test_acc_std"], accuracies.std(ddof=1))
     assert accuracies.min() > 0.5  # well above chance (0.1) after 200 Adam steps
-  # The augmenter starts as the identity; after training it changes the images, and
-  # differently for different noise.
+  # The paired gains are those of the runs.
+  gains = np.array([run["aug_test_acc"] - run["noise_test_acc"] for run in runs])
+  np.testing.assert_allclose(metrics["vs_noise_gain_mean"], gains.mean())
+  # The augmenter changes the images, and differently for different noise.
   assert metrics["augmentation_mean_abs_change"] > 1e-3
   assert metrics["augmentation_sample_std"] > 1e-4
   assert_png(tmp_path / "learned_augmentation.png")
