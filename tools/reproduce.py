@@ -186,7 +186,6 @@ RUNS = [
     "nonunique_inner",
     "examples/nonunique_inner.py",
     files={"nonunique_inner.json": ("lam_A_gap_between_inits", "f2sa/zero", "bome/zero")},
-    published=False,
   ),
   Run(
     "data_parallel",
