@@ -10,6 +10,7 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src import differentiable
 from implicit_hyper._src import operators
+from implicit_hyper._src import parallel
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import _base
@@ -145,6 +146,8 @@ def hypergrad_with_info(
   outer_value = validation.loss_value(call, "outer_loss", outer_loss, loss_has_aux)
   validation.check_scalar_loss(call, "inner_loss", inner_value, params, hparams, *inner_args)
   validation.check_scalar_loss(call, "outer_loss", outer_value, params, hparams, *outer_args)
+  parallel.check_collectives(f"`{call}(inner_loss=...)`", inner_value, params, hparams, *inner_args)
+  parallel.check_collectives(f"`{call}(outer_loss=...)`", outer_value, params, hparams, *outer_args)
   # Leaves of params that are not floating point (a PRNG key) are constants.
   floating, constant = differentiable.partition(params)
   inner = lambda f, h, *a: inner_value(differentiable.combine(f, constant), h, *a)

@@ -8,6 +8,7 @@ import jax
 import optax.tree_utils as otu
 
 from implicit_hyper._src import differentiable
+from implicit_hyper._src import parallel
 from implicit_hyper._src import rule
 from implicit_hyper._src import rule_cache
 from implicit_hyper._src import signature
@@ -342,6 +343,9 @@ def _decorator(
         if init_params is None
         else differentiable.partition(init_params)[0]
       )
+      what = f"`{call}({getattr(user_fn, '__name__', '...')})`"
+      user = functools.partial(user_fn, **loss_kwargs)
+      parallel.check_collectives(what, user, params, hparams, *args)
       floating = rule_cache.implicit_solution(
         condition_of_arrays,
         floating,
