@@ -125,6 +125,12 @@ RUNS = [
         "noise_test_acc_mean",
         "noise_test_acc_std",
         "noise_std",
+        "frozen_test_acc_mean",
+        "vs_noise_gain_mean",
+        "vs_noise_gain_std",
+        "vs_frozen_gain_mean",
+        "vs_frozen_gain_std",
+        "learned",
         "num_hyperparams",
         "seeds",
         "runs",
@@ -214,7 +220,7 @@ RUNS = [
     )
     for problem in ("quadratic", "logreg", "cleaning")
   ),
-  Run("overhead", "benchmarks/overhead.py", files={"overhead.json": BENCHMARK}, published=False),
+  Run("overhead", "benchmarks/overhead.py", files={"overhead.json": BENCHMARK}),
   Run(
     "search",
     "benchmarks/search.py",
