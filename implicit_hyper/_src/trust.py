@@ -136,9 +136,29 @@ def reporter(call: str, checks: Checks) -> Callable[[_base.SolveInfo], None]:
   location = _user_location()
 
   def report(info: _base.SolveInfo) -> None:
+    if _exporting():
+      raise ValueError(
+        f"`{call}(on_failure={checks.on_failure!r})` checks every hypergradient on the host "
+        "(a `jax.debug.callback`), which `jax.export` cannot serialise. To export, pass "
+        f'`{call}(..., on_failure="ignore")`: the exported function computes the same '
+        "hypergradient without the checks (check it first, e.g. under `ih.record_solves` "
+        'or with `ih.hypergrad_with_info`). Unexported, "warn" keeps the warnings and '
+        '"raise" the errors.'
+      )
     jax.debug.callback(functools.partial(_act, call, checks, location), info)
 
   return report
+
+
+def _exporting() -> bool:
+  """Whether this trace is `jax.export.export`'s (which rejects host callbacks)."""
+  frame: Any = sys._getframe(1)
+  export_file = os.path.join("jax", "_src", "export", "_export.py")
+  while frame is not None:
+    if frame.f_code.co_name == "do_export" and frame.f_code.co_filename.endswith(export_file):
+      return True
+    frame = frame.f_back
+  return False
 
 
 @contextlib.contextmanager
