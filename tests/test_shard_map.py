@@ -138,7 +138,7 @@ def test_decorator_in_shard_map_with_one_task_per_device_equals_vmap(kind):
 
 
 SOLVERS = {
-  "neumann": ih.Neumann(steps=200),  # the default's automatic step: Lanczos in a while_loop
+  "neumann": ih.Neumann(steps=20),  # the default's automatic step: Lanczos in a while_loop
   "minres": ih.MINRES(steps=FEATURES, tol=0.0),
   "nystrom": ih.Nystrom(rank=FEATURES),  # a random sketch in a lax.cond
 }
