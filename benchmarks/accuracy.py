@@ -106,6 +106,12 @@ def logistic_problem(train, val, *, newton_steps: int = 30):
 
 
 PROBLEMS = {"ridge": ridge_problem, "logistic": logistic_problem}
+# The solvers used when none is given: the decorators' (`implicit_argmin`) and the online
+# entry points' (`ih.hypergrad`, `ih.bilevel`).
+DEFAULTS = {
+  "implicit_argmin default CG(steps=100)": ih.CG(steps=100),
+  "hypergrad default Neumann()": ih.Neumann(),
+}
 
 
 def largest_eigenvalue(inner, w, log_decay, train) -> float:
@@ -159,7 +165,20 @@ def compare(name: str, train, val, *, ks, rounds: int) -> dict:
     curve["cosine"].append(_common.cosine(g, exact))
     curve["seconds"].append(_common.median(samples[(method, k)]))
   inner_grad = jax.jit(jax.grad(inner))(w_star, log_decay, *train)
+  defaults = {}
+  for method, solver in DEFAULTS.items():
+    g, info, _ = ih.hypergrad_with_info(
+      inner, outer, w_star, log_decay, inner_args=train, outer_args=val, solver=solver
+    )
+    g = np.asarray(g).ravel()
+    defaults[method] = {
+      "relative_error": float(np.linalg.norm(g - exact) / np.linalg.norm(exact)),
+      "residual": float(info.residual_norm),
+      "steps": int(info.num_steps),
+      "converged": bool(info.converged),
+    }
   return {
+    "defaults": defaults,
     "problem": name,
     "num_hyperparameters": int(log_decay.size),
     "alpha": alpha,
@@ -223,6 +242,11 @@ def main(argv=None):
     methods = [m for m in result["curves"] if m != "Direct"]
     _common.print_table(["K", *methods], _rows(result["curves"], methods))
     print(f"Direct (exact): {_common.format_seconds(result['curves']['Direct']['seconds'][0])}")
+    for method, d in result["defaults"].items():
+      print(
+        f"{method}: relative error {d['relative_error']:.2e}, residual {d['residual']:.2e} "
+        f"after {d['steps']} steps, converged {d['converged']}"
+      )
   payload = {"machine": _common.machine(), "decay": DECAY, "rounds": rounds, "results": results}
   _common.write_json(args.out, "accuracy", payload)
   plot(results, args.out / "accuracy.png")

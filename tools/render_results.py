@@ -24,6 +24,7 @@ from tools import results_benchmark_tables as tables
 from tools import results_gallery as gallery
 from tools import results_guides as guides
 from tools import results_pages as pages
+from tools import results_search as search_results
 from tools._results import README
 from tools._results import RESULTS
 from tools._results import ROOT
@@ -71,6 +72,8 @@ BLOCKS = {
     "scale": tables.scale_table,
     "end-to-end": tables.end_to_end_table,
     "bilevel": bilevel_tables,
+    "overhead": search_results.overhead_table,
+    "search": search_results.benchmarks_search_table,
   },
   DOCS / "examples.md": {
     "overfit": gallery.gallery_overfit,
@@ -83,6 +86,11 @@ BLOCKS = {
     "imaml": gallery.gallery_imaml,
     "cleaning": gallery.gallery_cleaning,
     "without-figures": gallery.gallery_without_figures,
+  },
+  DOCS / "hypergradients-or-search.md": {
+    "search": search_results.search_table,
+    "search-verdict": search_results.search_verdict,
+    "overhead": search_results.overhead_table,
   },
   DOCS / "choosing-a-solver.md": {
     "solvers": pages.solver_table,

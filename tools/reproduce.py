@@ -215,12 +215,7 @@ RUNS = [
     for problem in ("quadratic", "logreg", "cleaning")
   ),
   Run("overhead", "benchmarks/overhead.py", files={"overhead.json": BENCHMARK}),
-  Run(
-    "search",
-    "benchmarks/search.py",
-    files={"search.json": BENCHMARK, "search.png": ()},
-    published=False,
-  ),
+  Run("search", "benchmarks/search.py", files={"search.json": BENCHMARK, "search.png": ()}),
 ]
 
 
