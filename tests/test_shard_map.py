@@ -114,11 +114,8 @@ DECORATORS = {
 }
 
 
-def test_implicit_argmin_in_shard_map_with_pmean_loss_equals_one_device():
-  # implicit_root and implicit_fixed_point in this layout are not supported yet: JAX's
-  # transpose of a non-symmetric `custom_linear_solve` keeps replicated residuals that the
-  # solve's casts make varying ("requires varying manual axes to match" when lowering).
-  kind = "argmin"
+@pytest.mark.parametrize("kind", DECORATORS)
+def test_decorator_in_shard_map_with_pmean_loss_equals_one_device(kind):
   train, val, log_decay = problem()
   solver = DECORATORS[kind]
   single = validation_gradient(kind, solver, local, train_loss, val_loss)

@@ -113,11 +113,18 @@ def implicit_solution(
       report(info._replace(stationarity=stationarity.astype(info.residual_norm.dtype)))
       return x
 
+    b = parallel.vary_along(otu.tree_scale(-1.0, rhs), axes)
+
+    def transpose_solve(_: Matvec, u: PyTree) -> PyTree:
+      # The transpose of `product` taken here, not the one JAX hands over: that one hoists
+      # replicated residuals, which the cast above would make varying.
+      return solve(lambda w: jax.linear_transpose(product, b)(w)[0], u)
+
     params_dot = jax.lax.custom_linear_solve(
       product,
-      parallel.vary_along(otu.tree_scale(-1.0, rhs), axes),
+      b,
       solve,
-      transpose_solve=solve,
+      transpose_solve=solve if symmetric or not axes else transpose_solve,
       symmetric=symmetric,
     )
     return params, parallel.match_varying(params_dot, params)
