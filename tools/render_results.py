@@ -107,6 +107,7 @@ BLOCKS = {
   },
   DOCS / "guides" / "dataset-distillation.md": {"results": guides.guide_distillation},
   DOCS / "guides" / "imaml.md": {"results": guides.guide_imaml},
+  DOCS / "guides" / "learned-augmentation.md": {"results": guides.guide_augmentation},
 }
 
 # Rendering functions ready for pages whose owners have not yet put the markers in: move an
@@ -114,7 +115,6 @@ BLOCKS = {
 OFFERED = {
   DOCS / "migrating-from-jaxopt.md": {"speed": guides.migration_speed},
   DOCS / "concepts" / "online-loop.md": {"quickstart-run": guides.online_loop_quickstart},
-  DOCS / "guides" / "learned-augmentation.md": {"results": guides.guide_augmentation},
 }
 
 

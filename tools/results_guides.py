@@ -8,6 +8,7 @@ from tools._results import per_step
 from tools._results import ratio_range
 from tools._results import seconds
 from tools._results import wall
+from tools.results_gallery import augmentation_summary
 from tools.results_pages import _speed
 from tools.results_pages import _widths
 
@@ -96,13 +97,9 @@ def guide_augmentation() -> str:
   """docs/guides/learned-augmentation.md's paragraph on the published run."""
   a = load("learned_augmentation")
   return (
-    "`examples/learned_augmentation.py` is the full experiment: a residual convolutional"
-    f" augmenter with a noise channel ({a['num_hyperparams']:,} hyperparameters) and a small CNN"
-    f" on {a['train_size']} digits, over {a['seeds']} seeds. In its published run the learned"
-    f" augmentation reaches {a['aug_test_acc_mean']:.3f} ± {a['aug_test_acc_std']:.3f} test"
-    f" accuracy against {a['noaug_test_acc_mean']:.3f} ± {a['noaug_test_acc_std']:.3f} without"
-    f" augmentation (paired gain {a['test_acc_gain_mean']:.3f} ± {a['test_acc_gain_std']:.3f}),"
-    f" and a fixed Gaussian-noise augmentation (σ = {a['noise_std']:g}, not tuned)"
-    f" {a['noise_test_acc_mean']:.3f} ± {a['noise_test_acc_std']:.3f}"
-    " ([gallery](../examples.md))."
+    "`examples/learned_augmentation.py` is the full experiment: a random affine warp and"
+    f" per-pixel noise ({a['num_hyperparams']:,} log standard deviations) and a small CNN on"
+    f" {a['train_size']} digits, {a['hyper_steps']} hyper steps (the first {a['warmup']} at outer"
+    f" rate 0), over {a['seeds']} seeds. In its published run, {augmentation_summary(a)}"
+    " See also the [gallery](../examples.md)."
   )
