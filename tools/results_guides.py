@@ -97,9 +97,8 @@ def guide_augmentation() -> str:
   """docs/guides/learned-augmentation.md's paragraph on the published run."""
   a = load("learned_augmentation")
   return (
-    "`examples/learned_augmentation.py` is the full experiment: a random affine warp and"
-    f" per-pixel noise ({a['num_hyperparams']:,} log standard deviations) and a small CNN on"
-    f" {a['train_size']} digits, {a['hyper_steps']} hyper steps (the first {a['warmup']} at outer"
-    f" rate 0), over {a['seeds']} seeds. In its published run, {augmentation_summary(a)}"
+    f"In the published run ({a['num_hyperparams']:,} log standard deviations, a small CNN on"
+    f" {a['train_size']} digits, {a['hyper_steps']} hyper steps of which the first {a['warmup']}"
+    f" at outer rate 0, {a['seeds']} seeds), {augmentation_summary(a)}"
     " See also the [gallery](../examples.md)."
   )
