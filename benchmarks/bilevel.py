@@ -62,11 +62,11 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 try:
-  import _common
   import _bilevel_problems as problems
+  import _common
 except ImportError:  # imported as benchmarks.bilevel
-  from benchmarks import _common
   from benchmarks import _bilevel_problems as problems
+  from benchmarks import _common
 
 BATCH = problems.BATCH
 T = K = 10

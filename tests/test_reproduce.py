@@ -88,13 +88,6 @@ def test_every_block_on_every_page_has_a_rendering_function():
   assert render_results.unregistered() == []
 
 
-def test_offered_blocks_render_from_the_committed_results():
-  for page, blocks in render_results.OFFERED.items():
-    assert page.exists() and page not in render_results.BLOCKS
-    for name, make in blocks.items():
-      assert make().strip(), f"{page.name}: {name}"
-
-
 def test_a_block_that_differs_from_its_rendering_is_stale(tmp_path):
   page = "intro\n<!-- x:begin -->\nold number 1.23\n<!-- x:end -->\noutro\n"
   rendered = render_results.render(page, {"x": lambda: "new number 4.56"})

@@ -31,6 +31,12 @@ def expected_gradient(lam, t):
   return -jnp.sum(SCALE * DIAG * t / (DIAG + SCALE * lam) ** 2)
 
 
+@pytest.fixture(autouse=True)
+def empty_cache():
+  """Entry counts below are exact only below `MAX_ENTRIES`: earlier tests fill the cache."""
+  rule_cache._ENTRIES.clear()
+
+
 def global_loss(w, lam):
   return loss(w, lam, TARGET)
 

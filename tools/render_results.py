@@ -10,8 +10,8 @@ or when a page has a block that `BLOCKS` does not know, so a number on a page ca
 run that produced it. The functions live by page: tools/results_examples.py (the README's
 table), tools/results_gallery.py (docs/examples.md), tools/results_benchmarks.py (the README's
 benchmarks, the bilevel tables), tools/results_benchmark_tables.py (benchmarks/README.md) and
-tools/results_pages.py (concepts, the solver choice) and tools/results_guides.py (the guides
-and the blocks offered to pages that do not carry their markers yet, `OFFERED`).
+tools/results_pages.py (concepts, the solver choice), tools/results_guides.py (the guides, the
+migration page, the online loop) and tools/results_search.py (overhead, search, eager).
 """
 
 import argparse
@@ -74,6 +74,7 @@ BLOCKS = {
     "bilevel": bilevel_tables,
     "overhead": search_results.overhead_table,
     "search": search_results.benchmarks_search_table,
+    "eager": search_results.eager_table,
   },
   DOCS / "examples.md": {
     "overfit": gallery.gallery_overfit,
@@ -108,11 +109,6 @@ BLOCKS = {
   DOCS / "guides" / "dataset-distillation.md": {"results": guides.guide_distillation},
   DOCS / "guides" / "imaml.md": {"results": guides.guide_imaml},
   DOCS / "guides" / "learned-augmentation.md": {"results": guides.guide_augmentation},
-}
-
-# Rendering functions ready for pages whose owners have not yet put the markers in: move an
-# entry into BLOCKS when its page carries `<!-- NAME:begin -->` / `<!-- NAME:end -->`.
-OFFERED = {
   DOCS / "migrating-from-jaxopt.md": {"speed": guides.migration_speed},
   DOCS / "concepts" / "online-loop.md": {"quickstart-run": guides.online_loop_quickstart},
 }

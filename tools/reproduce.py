@@ -222,6 +222,7 @@ RUNS = [
   ),
   Run("overhead", "benchmarks/overhead.py", files={"overhead.json": BENCHMARK}),
   Run("search", "benchmarks/search.py", files={"search.json": BENCHMARK, "search.png": ()}),
+  Run("eager", "benchmarks/eager.py", files={"eager.json": BENCHMARK}),
 ]
 
 

@@ -168,3 +168,27 @@ def search_verdict() -> str:
   if below:
     lines.append(f"- Hypergradient descent also wins on {', '.join(name(r) for r in below)}.")
   return "\n".join(lines)
+
+
+def eager_table() -> str:
+  """benchmarks/eager.py: `jax.grad` through a decorated solver without `jit`, against plain JAX."""
+  payload = load("eager", "eager.json")
+  rows = [
+    f"Run: `python benchmarks/eager.py` ({wall('eager')}), median of {payload['rounds']} rounds.",
+    "",
+    "| features | plain eager | decorated eager | decorated eager, new globals | decorated jit |",
+    "|---|---|---|---|---|",
+  ]
+  calls = ("plain eager", "decorated eager", "decorated eager, new globals", "decorated jit")
+  for r in payload["results"]:
+    cells = [
+      f"{seconds(r['seconds'][c])} ({r['ratio_to_plain_eager'][c]:.2f}x)" for c in calls
+    ]
+    rows.append(f"| {r['features']} | " + " | ".join(cells) + " |")
+  worst = max(r["ratio_to_plain_eager"][c] for r in payload["results"] for c in calls[1:3])
+  error = max(e for r in payload["results"] for e in r["abs_error_to_plain"].values())
+  rows.append(
+    f"\nDecorated eager calls take at most {worst:.2f}x plain eager JAX (the target: 3x); the"
+    f" gradients agree with plain JAX to {error:.1e}."
+  )
+  return "\n".join(rows)

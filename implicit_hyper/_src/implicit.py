@@ -1,17 +1,13 @@
 """`implicit_argmin`, `implicit_root`, `implicit_fixed_point`: decorators for inner solvers."""
 
-import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import optax.tree_utils as otu
 
+from implicit_hyper._src import decorator
 from implicit_hyper._src import differentiable
-from implicit_hyper._src import parallel
-from implicit_hyper._src import rule
-from implicit_hyper._src import rule_cache
-from implicit_hyper._src import signature
 from implicit_hyper._src import trust
 from implicit_hyper._src import validation
 from implicit_hyper._src.solvers import resolve
@@ -116,7 +112,7 @@ def implicit_argmin(
     -0.5625
   """
   call = "implicit_argmin"
-  _check_callable(call, "inner_loss", inner_loss)
+  decorator.check_callable(call, "inner_loss", inner_loss)
   solver = resolve.as_solver(call, solver, DEFAULT_ARGMIN_SOLVER, symmetric=True)
   loss = validation.loss_value(call, "inner_loss", inner_loss, loss_has_aux)
 
@@ -129,7 +125,7 @@ def implicit_argmin(
     validation.check_scalar_loss(call, "inner_loss", loss, params, hparams, *args, **kwargs)
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
-  return _decorator(call, inner_loss, condition, check, solver, True, has_aux, checks)
+  return decorator.decorator(call, inner_loss, condition, check, solver, True, has_aux, checks)
 
 
 def implicit_root(
@@ -186,7 +182,7 @@ def implicit_root(
     True
   """
   call = "implicit_root"
-  _check_callable(call, "optimality_fn", optimality_fn)
+  decorator.check_callable(call, "optimality_fn", optimality_fn)
   solver = resolve.as_solver(call, solver, DEFAULT_ROOT_SOLVER, symmetric=symmetric)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
@@ -199,7 +195,9 @@ def implicit_root(
     validation.check_same_structure(call, "the output of `optimality_fn`", out, params, "params")
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
-  return _decorator(call, optimality_fn, condition, check, solver, symmetric, has_aux, checks)
+  return decorator.decorator(
+    call, optimality_fn, condition, check, solver, symmetric, has_aux, checks
+  )
 
 
 def implicit_fixed_point(
@@ -252,10 +250,10 @@ def implicit_fixed_point(
     True
   """
   call = "implicit_fixed_point"
-  _check_callable(call, "fixed_point_fn", fixed_point_fn)
-  solver = resolve.as_solver(call, solver, DEFAULT_ROOT_SOLVER, symmetric=True)
-  solver = solver.for_fixed_point()
-  resolve.as_solver(call, solver, None, symmetric=False)
+  decorator.check_callable(call, "fixed_point_fn", fixed_point_fn)
+  linear_solver = resolve.as_solver(call, solver, DEFAULT_ROOT_SOLVER, symmetric=True)
+  linear_solver = linear_solver.for_fixed_point()
+  resolve.as_solver(call, linear_solver, None, symmetric=False)
 
   def condition(params: PyTree, hparams: PyTree, *args: Any, **kwargs: Any) -> PyTree:
     image = differentiable.like_floating(fixed_point_fn(params, hparams, *args, **kwargs), params)
@@ -268,98 +266,6 @@ def implicit_fixed_point(
     validation.check_same_structure(call, "the output of `fixed_point_fn`", out, params, "params")
 
   checks = trust.Checks(on_failure, tol, stationarity_tol).validate(call)
-  return _decorator(call, fixed_point_fn, condition, check, solver, False, has_aux, checks)
-
-
-def _check_callable(call: str, name: str, fn: object) -> None:
-  if not callable(fn):
-    raise TypeError(f"`{call}({name}=...)` must be callable, got {fn!r}.")
-
-
-def _decorator(
-  call: str,
-  user_fn: Callable[..., Any],
-  condition: Callable[..., PyTree],
-  check: Callable[[PyTree, PyTree, tuple[Any, ...], dict[str, Any]], None],
-  solver: Any,
-  symmetric: bool,
-  has_aux: bool,
-  checks: trust.Checks,
-) -> Callable[..., Callable[..., Any]]:
-  """The decorator shared by the three forms; `condition` is the F whose root is solved.
-
-  `condition` takes the whole params and returns a tree like its floating leaves: the
-  other leaves (a PRNG key, a step counter) are constants of the theorem, as in `args`.
-  """
-  accepts = signature.keyword_filter(user_fn)
-
-  def decorator(inner_solver: Callable[..., Any], *args: Any, **kwargs: Any) -> Callable[..., Any]:
-    if args or kwargs:
-      raise TypeError(
-        f"`{call}` was used as `@{call}` without arguments, so the inner solver was taken "
-        f"for the loss and the call's arguments reached the decorator. Write "
-        f"`@{call}(loss)` above the solver."
-      )
-    if not callable(inner_solver):
-      raise TypeError(f"`{call}(...)` decorates a callable inner solver, got {inner_solver!r}.")
-    names = signature.leading_names(inner_solver)
-
-    @functools.wraps(inner_solver)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-      init_params, hparams, args, kwargs = signature.bind(call, names, args, kwargs)
-      validation.check_float_tree(call, "hparams", hparams)
-      validation.check_real_tree(call, "init_params", init_params)
-      # Keywords the user's function does not take are the inner solver's settings alone.
-      loss_kwargs = {k: v for k, v in kwargs.items() if accepts(k)}
-      if init_params is not None:
-        check(init_params, hparams, args, loss_kwargs)
-      out = inner_solver(
-        *rule.stop_gradient_arrays((init_params, hparams, *args)),
-        **rule.stop_gradient_arrays(kwargs),
-      )
-      params, aux = out if has_aux else (out, None)
-      name = "the inner solver's output" + (" params" if has_aux else "")
-      if init_params is None:
-        check(params, hparams, args, loss_kwargs)
-      else:
-        validation.check_same_structure(call, name, params, init_params, "`init_params`")
-      floating, constant = differentiable.partition(params)
-      # Functions in hparams (an equinox Module's callable fields) are bound, not solved for.
-      hparams, functions = differentiable.partition(hparams)
-      # Static leaves (strings, Python ints) are bound; array leaves become inputs of the
-      # rule, with the arrays the condition closes over hoisted after them.
-      leaves, treedef = jax.tree.flatten((constant, functions, args, loss_kwargs))
-      arrays = [x for x in leaves if rule.is_array(x)]
-
-      def condition_of_arrays(p: PyTree, h: PyTree, *values: Any) -> PyTree:
-        it = iter(values)
-        c, f, a, kw = jax.tree.unflatten(
-          treedef, [next(it) if rule.is_array(x) else x for x in leaves]
-        )
-        return condition(differentiable.combine(p, c), differentiable.combine(h, f), *a, **kw)
-
-      start = (
-        differentiable.zeros_like_floating(params)
-        if init_params is None
-        else differentiable.partition(init_params)[0]
-      )
-      what = f"`{call}({getattr(user_fn, '__name__', '...')})`"
-      user = functools.partial(user_fn, **loss_kwargs)
-      parallel.check_collectives(what, user, params, hparams, *args)
-      floating = rule_cache.implicit_solution(
-        condition_of_arrays,
-        floating,
-        hparams,
-        arrays,
-        call=call,
-        checks=checks,
-        solver=solver,
-        symmetric=symmetric,
-        init_params=None if checks.stationarity_tol is None else start,
-      )
-      params = differentiable.combine(floating, rule.stop_gradient_arrays(constant))
-      return (params, rule.stop_gradient_arrays(aux)) if has_aux else params
-
-    return wrapper
-
-  return decorator
+  return decorator.decorator(
+    call, fixed_point_fn, condition, check, linear_solver, False, has_aux, checks
+  )
