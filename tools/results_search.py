@@ -181,9 +181,7 @@ def eager_table() -> str:
   ]
   calls = ("plain eager", "decorated eager", "decorated eager, new globals", "decorated jit")
   for r in payload["results"]:
-    cells = [
-      f"{seconds(r['seconds'][c])} ({r['ratio_to_plain_eager'][c]:.2f}x)" for c in calls
-    ]
+    cells = [f"{seconds(r['seconds'][c])} ({r['ratio_to_plain_eager'][c]:.2f}x)" for c in calls]
     rows.append(f"| {r['features']} | " + " | ".join(cells) + " |")
   worst = max(r["ratio_to_plain_eager"][c] for r in payload["results"] for c in calls[1:3])
   error = max(e for r in payload["results"] for e in r["abs_error_to_plain"].values())
