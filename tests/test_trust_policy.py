@@ -19,6 +19,7 @@ def hypergradient_warnings(fn, *args):
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     out = fn(*args)
+    jax.effects_barrier()  # the checks' callbacks of compiled code run with it, asynchronously
   return out, [str(w.message) for w in caught if issubclass(w.category, ih.HypergradientWarning)]
 
 

@@ -184,6 +184,7 @@ def record_solves() -> Iterator[list[SolveRecord]]:
   try:
     yield records
   finally:
+    jax.effects_barrier()  # callbacks of compiled code still running land in this block
     _RECORDERS.remove(records)
 
 
