@@ -7,6 +7,7 @@ an auxiliary inner variable) is its `method_state`, any pytree: `ih.fit` checkpo
 without looking inside, and the loop never asks which method it runs.
 """
 
+import numbers
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
@@ -14,6 +15,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import optax.tree_utils as otu
 
@@ -136,11 +138,25 @@ def check_args(
       )
 
 
-def check_rates(call: str, **rates: float | jax.Array | None) -> None:
-  """Raises when a concrete step size is negative or NaN (None: not given)."""
-  for name, rate in rates.items():
-    if rate is not None:
-      _base.check_nonnegative(call, name, rate)
+def check_rates(call: str, **rates: "float | jax.Array | optax.Schedule | None") -> None:
+  """Raises unless each step size is a number, an array or a schedule; a number must be >= 0.
+
+  None means not given; a schedule (any callable) is only called in the step.
+  """
+  for name, lr in rates.items():
+    if lr is None or callable(lr):
+      continue
+    if not isinstance(lr, numbers.Real | np.ndarray | np.generic | jax.Array):
+      raise TypeError(
+        f"`{call}({name}=...)` must be a number, an array or an optax schedule (a callable "
+        f"of the iteration count), got {lr!r}."
+      )
+    _base.check_nonnegative(call, name, lr)
+
+
+def rate(lr: "float | jax.Array | optax.Schedule", step: jax.Array) -> Any:
+  """The step size at iteration `step`: ``lr(step)`` for a schedule, `lr` itself otherwise."""
+  return lr(step) if callable(lr) else lr
 
 
 def strongly_typed(tree: PyTree) -> PyTree:
@@ -148,18 +164,17 @@ def strongly_typed(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda x: jnp.asarray(x, dtype=jnp.result_type(x)), tree)
 
 
-def initial_state(
-  params: PyTree,
-  hparams: PyTree,
-  optimizers: tuple[optax.GradientTransformation, optax.GradientTransformation],
-  method_state: Any,
-) -> BilevelState:
-  """The `BilevelState` at step 0 with the two optimisers' initial states."""
+def initial_state(params: PyTree, hparams: PyTree, method_state: Any) -> BilevelState:
+  """The `BilevelState` at step 0 of a method that takes SGD steps on both levels.
+
+  The method builds ``optax.sgd(rate(lr, state.step))`` in every step; its state is the
+  same at every step size.
+  """
   return BilevelState(
     params=params,
     hparams=hparams,
-    inner_opt_state=optimizers[0].init(params),
-    outer_opt_state=optimizers[1].init(hparams),
+    inner_opt_state=optax.sgd(0.0).init(params),
+    outer_opt_state=optax.sgd(0.0).init(hparams),
     method_state=method_state,
     step=jnp.zeros((), jnp.int32),
     num_skipped=jnp.zeros((), jnp.int32),
@@ -317,10 +332,19 @@ def finish(
 
 def config(method: str, /, **settings: Any) -> dict[str, Any]:
   """A method's `Bilevel.config`: its name and settings, optimisers described as text."""
-  return {
-    "method": method,
-    **{
-      k: describe(v) if isinstance(v, optax.GradientTransformation) else v
-      for k, v in settings.items()
-    },
-  }
+  return {"method": method, **{k: _setting(v) for k, v in settings.items()}}
+
+
+def _setting(value: Any) -> Any:
+  """`value` as JSON: optimisers and schedules as text, concrete arrays as numbers."""
+  if isinstance(value, optax.GradientTransformation) or callable(value):
+    # A schedule's own numbers (``lambda t: 0.1 / (t + 1)``) are in its code, not its closure.
+    code = getattr(value, "__code__", None)
+    constants = [c for c in getattr(code, "co_consts", ()) if isinstance(c, int | float)]
+    return describe(value) + (f"{constants}" if constants else "")
+  if isinstance(value, np.ndarray | np.generic | jax.Array):
+    try:
+      return np.asarray(value).tolist()
+    except jax.errors.TracerArrayConversionError:
+      return describe(value)
+  return value

@@ -69,8 +69,7 @@ def oracles(
 
 def step(
   state: BilevelState,
-  optimizers: tuple[optax.GradientTransformation, optax.GradientTransformation],
-  adjoint_lr: float | jax.Array,
+  rates: tuple[Any, Any, Any],
   inner: InnerOracles,
   outer: OuterOracles,
   *,
@@ -82,11 +81,15 @@ def step(
 ) -> tuple[BilevelState, BilevelMetrics]:
   """Moves the weights, `adjoint` and hyperparameters along the (estimated) directions.
 
-  `method_state` is the method's new state, which must hold the moved adjoint: it is
-  built by ``method_state(new_adjoint)``. A skipped step keeps the old method state.
+  `rates` are the SGD steps ``(inner_lr, outer_lr, adjoint_lr)``, numbers or schedules
+  evaluated at ``state.step``. `method_state` is the method's new state, which must hold
+  the moved adjoint: it is built by ``method_state(new_adjoint)``. A skipped step keeps
+  the old method state.
   """
-  inner_optimizer, outer_optimizer = optimizers
-  updates, inner_opt_state = inner_optimizer.update(inner.grad, state.inner_opt_state, state.params)
+  inner_lr, outer_lr, adjoint_lr = (_common.rate(lr, state.step) for lr in rates)
+  updates, inner_opt_state = optax.sgd(inner_lr).update(
+    inner.grad, state.inner_opt_state, state.params
+  )
   params = optax.apply_updates(state.params, updates)
   new_adjoint = otu.tree_add_scale(adjoint, -adjoint_lr, otu.tree_sub(inner.hvp, outer.grad_params))
   update = _common.Update(
@@ -101,4 +104,4 @@ def step(
     outer_value_fn=outer_value_fn,
     info=_common.no_solve(),
   )
-  return _common.finish(state, outer_optimizer, update)
+  return _common.finish(state, optax.sgd(outer_lr), update)

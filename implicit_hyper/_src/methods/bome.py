@@ -23,9 +23,9 @@ def bome(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
   *,
-  inner_lr: float,
-  outer_lr: float,
-  weights_lr: float | None = None,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
+  weights_lr: float | jax.Array | optax.Schedule | None = None,
   inner_steps: int = 10,
   eta: float = 0.5,
   hparam_transform: Any = None,
@@ -52,10 +52,13 @@ def bome(
   Args:
     inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *args)`` -> scalar validation loss.
-    inner_lr: the SGD step of the `inner_steps` steps that give :math:`\theta_T`.
-    outer_lr: gamma, the step of the hyperparameters in the joint update.
-    weights_lr: xi, the step of the weights in the joint update; `outer_lr` when None
-      (the paper's one step for both).
+    inner_lr: the SGD step of the `inner_steps` steps that give :math:`\theta_T`: a
+      number or an `optax.Schedule` of the iteration count t = ``state.step`` (from 0;
+      the T steps of iteration t all take inner_lr(t)).
+    outer_lr: gamma, the step of the hyperparameters in the joint update (a number or a
+      schedule of t).
+    weights_lr: xi, the step of the weights in the joint update, a number or a schedule
+      of t; `outer_lr` when None (the paper's one step for both).
     inner_steps: T; `step`'s ``inner_args`` leaves lead with this axis, one minibatch
       per step of :math:`\theta_T`; q and its gradient use the last one.
     eta: the paper's eta (positive); larger values weight the constraint more.
@@ -70,30 +73,29 @@ def bome(
   """
   call = "bome"
   weights_lr = outer_lr if weights_lr is None else weights_lr
-  for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr), ("weights_lr", weights_lr)):
-    _base.check_nonnegative(call, name, value)
+  _common.check_rates(call, inner_lr=inner_lr, outer_lr=outer_lr, weights_lr=weights_lr)
   _base.check_int(call, "inner_steps", inner_steps, minimum=1)
   if not eta > 0:
     raise ValueError(f"`{call}(eta=...)` must be positive, got {eta!r}.")
   constrain = transforms.hparam_transformation(hparam_transform)
 
-  outer_optimizer = optax.sgd(outer_lr)
-
   def init(params: PyTree, hparams: PyTree) -> BilevelState:
     params, hparams = _common.strongly_typed(params), _common.strongly_typed(hparams)
     _common.check_hparams(call, hparams, constrain)
-    return BilevelState(params, hparams, (), outer_optimizer.init(hparams), (), *_counters())
+    outer_opt_state = optax.sgd(0.0).init(hparams)  # the same at every step size
+    return BilevelState(params, hparams, (), outer_opt_state, (), *_counters())
 
   def step(
     state: BilevelState, inner_args: Sequence[Any], outer_args: Sequence[Any]
   ) -> tuple[BilevelState, BilevelMetrics]:
     _common.check_args(call, inner_args, outer_args, inner_steps)
     theta, raw = state.params, state.hparams
+    alpha, gamma, xi = (_common.rate(lr, state.step) for lr in (inner_lr, outer_lr, weights_lr))
     hparams = constrain(raw)
 
     def sgd_step(theta: PyTree, args: tuple[Any, ...]) -> tuple[PyTree, jax.Array]:
       loss, grads = jax.value_and_grad(inner_loss)(theta, hparams, *args)
-      return otu.tree_add_scale(theta, -inner_lr, grads), loss
+      return otu.tree_add_scale(theta, -alpha, grads), loss
 
     theta_t, losses = jax.lax.scan(sgd_step, theta, tuple(inner_args), length=inner_steps)
     last = jax.tree.map(lambda b: b[-1], tuple(inner_args))
@@ -113,7 +115,7 @@ def bome(
     )
     d_theta, d_raw = otu.tree_add_scale(grad_f, multiplier, grad_q)
     finite = _base.tree_all_finite(d_theta)
-    moved = otu.tree_where(finite, otu.tree_add_scale(theta, -weights_lr, d_theta), theta)
+    moved = otu.tree_where(finite, otu.tree_add_scale(theta, -xi, d_theta), theta)
     update = _common.Update(
       params=moved,
       inner_opt_state=(),
@@ -126,7 +128,7 @@ def bome(
       outer_value_fn=lambda raw: outer_loss(moved, constrain(raw), *outer_args),
       info=_common.no_solve(),
     )
-    return _common.finish(state, outer_optimizer, update)
+    return _common.finish(state, optax.sgd(gamma), update)
 
   settings = dict(
     inner_lr=inner_lr, outer_lr=outer_lr, weights_lr=weights_lr, inner_steps=inner_steps

@@ -36,8 +36,8 @@ def f2sa(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
   *,
-  inner_lr: float,
-  outer_lr: float,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
   inner_steps: int = 10,
   penalty_init: float = 1.0,
   penalty_growth: float = 0.01,
@@ -61,8 +61,8 @@ def f2sa(
   product anywhere. Cost per iteration: ``3 * inner_steps`` gradients on the weights
   plus one reverse pass for the three hyperparameter gradients.
 
-  Departures from the paper: the steps are constant (the paper's decay as powers of k)
-  and the step of y is :math:`\rho / \lambda_k` (the paper keeps
+  Departures from the paper: the steps are constant unless given as schedules (the
+  paper's decay as powers of k) and the step of y is :math:`\rho / \lambda_k` (the paper keeps
   :math:`\alpha_k \lambda_k` bounded, the same scaling), so `inner_lr` is the step one
   would use on L_T alone. Both L_T gradients of one update use the same minibatch, so
   their difference, multiplied by :math:`\lambda_k`, has noise of the size of
@@ -71,8 +71,10 @@ def f2sa(
   Args:
     inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *args)`` -> scalar validation loss.
-    inner_lr: rho, the step on z (below ``2 / L`` of L_T), and ``rho / lambda_k`` on y.
-    outer_lr: gamma, the hyperparameters' SGD step.
+    inner_lr: rho, the step on z (below ``2 / L`` of L_T), and ``rho / lambda_k`` on y: a
+      number or an `optax.Schedule` of the iteration count k = ``state.step`` (from 0;
+      the T steps of iteration k all take rho(k)).
+    outer_lr: gamma, the hyperparameters' SGD step (a number or a schedule of k).
     inner_steps: T, steps on z and y per iteration; `step`'s ``inner_args`` leaves lead
       with this axis. Every y step uses the one validation minibatch ``outer_args``.
     penalty_init: lambda_0 (positive).
@@ -89,8 +91,7 @@ def f2sa(
     Optimization", ICML 2023. https://arxiv.org/abs/2301.10945
   """
   call = "f2sa"
-  for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
-    _base.check_nonnegative(call, name, value)
+  _common.check_rates(call, inner_lr=inner_lr, outer_lr=outer_lr)
   _base.check_int(call, "inner_steps", inner_steps, minimum=1)
   if not penalty_init > 0:
     raise ValueError(f"`{call}(penalty_init=...)` must be positive, got {penalty_init!r}.")
@@ -101,14 +102,14 @@ def f2sa(
       f"got {penalty_max!r}."
     )
   constrain = transforms.hparam_transformation(hparam_transform)
-  outer_optimizer = optax.sgd(outer_lr)
 
   def init(params: PyTree, hparams: PyTree) -> BilevelState:
     params, hparams = _common.strongly_typed(params), _common.strongly_typed(hparams)
     _common.check_hparams(call, hparams, constrain)
     penalty = jnp.asarray(penalty_init, _base.tree_dtype(params))
+    outer_opt_state = optax.sgd(0.0).init(hparams)  # the same at every step size
     return BilevelState(
-      params, hparams, (), outer_optimizer.init(hparams), F2SAState(params, penalty), *_counters()
+      params, hparams, (), outer_opt_state, F2SAState(params, penalty), *_counters()
     )
 
   def step(
@@ -116,6 +117,7 @@ def f2sa(
   ) -> tuple[BilevelState, BilevelMetrics]:
     _common.check_args(call, inner_args, outer_args, inner_steps)
     raw, penalty = state.hparams, state.method_state.penalty
+    rho = _common.rate(inner_lr, state.step)
     hparams = constrain(raw)
     grad_inner = jax.value_and_grad(inner_loss)
     grad_outer = jax.grad(outer_loss)
@@ -128,7 +130,7 @@ def f2sa(
       g_y = otu.tree_add_scale(
         grad_inner(y, hparams, *args)[1], 1.0 / penalty, grad_outer(y, hparams, *outer_args)
       )
-      return (otu.tree_add_scale(z, -inner_lr, g_z), otu.tree_add_scale(y, -inner_lr, g_y)), loss
+      return (otu.tree_add_scale(z, -rho, g_z), otu.tree_add_scale(y, -rho, g_y)), loss
 
     (z, y), losses = jax.lax.scan(
       one_step, (state.params, state.method_state.penalized), tuple(inner_args), length=inner_steps
@@ -153,7 +155,7 @@ def f2sa(
       outer_value_fn=lambda raw: outer_loss(z, constrain(raw), *outer_args),
       info=_common.no_solve(),
     )
-    return _common.finish(state, outer_optimizer, update)
+    return _common.finish(state, optax.sgd(_common.rate(outer_lr, state.step)), update)
 
   settings = dict(inner_lr=inner_lr, outer_lr=outer_lr, inner_steps=inner_steps)
   penalties = dict(

@@ -37,10 +37,10 @@ def fsla(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
   *,
-  inner_lr: float | jax.Array,
-  outer_lr: float | jax.Array,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
   momentum: float | jax.Array = 0.5,
-  adjoint_lr: float | jax.Array | None = None,
+  adjoint_lr: float | jax.Array | optax.Schedule | None = None,
   hparam_transform: Any = None,
 ) -> Bilevel:
   r"""FSLA: fully single-loop, the hypergradient estimate corrected STORM-style.
@@ -64,10 +64,11 @@ def fsla(
   Args:
     inner_loss: ``inner_loss(params, hparams, *batch)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *batch)`` -> scalar validation loss.
-    inner_lr: rho, the weights' step.
-    outer_lr: gamma, the hyperparameters' step.
+    inner_lr: rho, the weights' step: a number or an `optax.Schedule` of the iteration
+      count t = ``state.step`` (from 0).
+    outer_lr: gamma, the hyperparameters' step (a number or a schedule of t).
     momentum: eta in (0, 1], the weight of the new estimate.
-    adjoint_lr: the adjoint's step (rho when None).
+    adjoint_lr: the adjoint's step, a number or a schedule of t (rho when None).
     hparam_transform: as in `ih.bilevel`.
 
   Returns:
@@ -83,7 +84,6 @@ def fsla(
     raise ValueError(f"`{call}(momentum=...)` must be in (0, 1], got {momentum!r}.")
   adjoint_lr = inner_lr if adjoint_lr is None else adjoint_lr
   constrain = transforms.hparam_transformation(hparam_transform)
-  optimizers = (optax.sgd(inner_lr), optax.sgd(outer_lr))
   inner_of_raw = lambda p, raw, *a: inner_loss(p, constrain(raw), *a)
   outer_of_raw = lambda p, raw, *a: outer_loss(p, constrain(raw), *a)
 
@@ -91,7 +91,7 @@ def fsla(
     params, hparams = _common.strongly_typed(params), _common.strongly_typed(hparams)
     _common.check_hparams(call, hparams, constrain)
     zeros = otu.tree_zeros_like(params), otu.tree_zeros_like(hparams)
-    return _common.initial_state(params, hparams, optimizers, FSLAState(*zeros, hparams))
+    return _common.initial_state(params, hparams, FSLAState(*zeros, hparams))
 
   def estimate(params: PyTree, raw: PyTree, u: PyTree, inner: Any, outer: Any) -> PyTree:
     """w: the validation gradient in the raw hparams minus the mixed product with u."""
@@ -105,12 +105,13 @@ def fsla(
     _common.check_args(call, inner_args, outer_args, None)
     memory: FSLAState = state.method_state
     raw, inner, outer = state.hparams, tuple(inner_args), tuple(outer_args)
+    rho, gamma, omega = (_common.rate(lr, state.step) for lr in (inner_lr, outer_lr, adjoint_lr))
     inner_value, grad = jax.value_and_grad(inner_of_raw)(state.params, raw, *inner)
-    updates, inner_opt_state = optimizers[0].update(grad, state.inner_opt_state, state.params)
+    updates, inner_opt_state = optax.sgd(rho).update(grad, state.inner_opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hvp = operators.hessian_vector_product(inner_of_raw, params, raw, inner)(memory.adjoint)
     outer_value, grad_params = jax.value_and_grad(outer_of_raw)(params, raw, *outer)
-    adjoint = otu.tree_add_scale(memory.adjoint, -adjoint_lr, otu.tree_sub(hvp, grad_params))
+    adjoint = otu.tree_add_scale(memory.adjoint, -omega, otu.tree_sub(hvp, grad_params))
     new = estimate(params, raw, adjoint, inner, outer)
     old = estimate(state.params, memory.previous_hparams, memory.adjoint, inner, outer)
     direction = otu.tree_add_scale(new, 1.0 - momentum, otu.tree_sub(memory.direction, old))
@@ -126,7 +127,7 @@ def fsla(
       outer_value_fn=lambda r: outer_of_raw(params, r, *outer),
       info=_common.no_solve(),
     )
-    return _common.finish(state, optimizers[1], update)
+    return _common.finish(state, optax.sgd(gamma), update)
 
   config = _common.config(
     call,

@@ -44,9 +44,9 @@ def saba(
   *,
   num_inner_batches: int,
   num_outer_batches: int,
-  inner_lr: float | jax.Array,
-  outer_lr: float | jax.Array,
-  adjoint_lr: float | jax.Array | None = None,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
+  adjoint_lr: float | jax.Array | optax.Schedule | None = None,
   hparam_transform: Any = None,
 ) -> Bilevel:
   r"""SABA: the three directions of SOBA, each a SAGA estimate over fixed minibatches.
@@ -77,9 +77,10 @@ def saba(
     outer_loss: ``outer_loss(params, hparams, *batch)`` -> scalar validation loss.
     num_inner_batches: how many fixed training batches there are.
     num_outer_batches: how many fixed validation batches there are.
-    inner_lr: rho, the weights' step.
-    outer_lr: gamma, the hyperparameters' step.
-    adjoint_lr: the adjoint's step (rho when None).
+    inner_lr: rho, the weights' step: a number or an `optax.Schedule` of the iteration
+      count t = ``state.step`` (from 0; a step the guard skips still counts).
+    outer_lr: gamma, the hyperparameters' step (a number or a schedule of t).
+    adjoint_lr: the adjoint's step, a number or a schedule of t (rho when None).
     hparam_transform: as in `ih.bilevel`.
 
   Returns:
@@ -103,7 +104,6 @@ def saba(
   _common.check_rates(call, inner_lr=inner_lr, outer_lr=outer_lr, adjoint_lr=adjoint_lr)
   adjoint_lr = inner_lr if adjoint_lr is None else adjoint_lr
   constrain = transforms.hparam_transformation(hparam_transform)
-  optimizers = (optax.sgd(inner_lr), optax.sgd(outer_lr))
   inner_of_raw = lambda p, raw, *a: inner_loss(p, constrain(raw), *a)
   outer_of_raw = lambda p, raw, *a: outer_loss(p, constrain(raw), *a)
 
@@ -118,7 +118,7 @@ def saba(
     ]
     means = [otu.tree_zeros_like(inner), otu.tree_zeros_like(outer)]
     method_state = SABAState(otu.tree_zeros_like(params), *tables, *means)
-    return _common.initial_state(params, hparams, optimizers, method_state)
+    return _common.initial_state(params, hparams, method_state)
 
   def step(
     state: BilevelState, inner_args: Sequence[Any], outer_args: Sequence[Any]
@@ -144,8 +144,7 @@ def saba(
     out_of_range = (i < 0) | (i >= num_inner_batches) | (j < 0) | (j >= num_outer_batches)
     return _directions.step(
       state,
-      optimizers,
-      adjoint_lr,
+      (inner_lr, outer_lr, adjoint_lr),
       inner,
       outer,
       adjoint=memory.adjoint,

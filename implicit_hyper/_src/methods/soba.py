@@ -6,9 +6,9 @@ from typing import Any
 import jax
 import optax
 
+from implicit_hyper._src.methods import _common
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods.implicit import bilevel
-from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers.richardson import Richardson
 
 
@@ -16,8 +16,8 @@ def soba(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
   *,
-  inner_lr: float | jax.Array,
-  outer_lr: float | jax.Array,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
   adjoint_lr: float | jax.Array | None = None,
   hparam_transform: Any = None,
   loss_has_aux: bool = False,
@@ -43,9 +43,14 @@ def soba(
   Args:
     inner_loss: ``inner_loss(params, hparams, *args)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *args)`` -> scalar validation loss.
-    inner_lr: rho, the weights' step.
-    outer_lr: gamma, the hyperparameters' step.
-    adjoint_lr: the adjoint's step (rho when None).
+    inner_lr: rho, the weights' step: a number or an `optax.Schedule` of optax's update
+      count, which is the iteration count t = ``state.step`` (from 0).
+    outer_lr: gamma, the hyperparameters' step: a number or a schedule of optax's count,
+      t less the steps the divergence guard skipped (`bilevel` keeps the outer state of
+      a skipped step).
+    adjoint_lr: the adjoint's step (rho when None): a number only, the step of
+      ``Richardson``; with a schedule `inner_lr`, pass a number here. (`ih.saba` and
+      `ih.fsla` take a schedule for their adjoint.)
     hparam_transform: as in `bilevel`.
     loss_has_aux: as in `bilevel`.
 
@@ -57,9 +62,16 @@ def soba(
     stochastic and global variance reduction algorithms", NeurIPS 2022.
     https://arxiv.org/abs/2201.13409
   """
-  for name, value in (("inner_lr", inner_lr), ("outer_lr", outer_lr)):
-    _base.check_nonnegative("soba", name, value)
+  _common.check_rates("soba", inner_lr=inner_lr, outer_lr=outer_lr, adjoint_lr=adjoint_lr)
+  default = adjoint_lr is None
   adjoint_lr = inner_lr if adjoint_lr is None else adjoint_lr
+  if callable(adjoint_lr):
+    raise ValueError(
+      "`soba(adjoint_lr=...)` must be a number: the adjoint's step is that of "
+      "`Richardson(step_size=...)`, which takes no schedule"
+      + (" (it defaults to inner_lr, a schedule here)" if default else "")
+      + f"; pass a number `adjoint_lr=`, got {adjoint_lr!r}."
+    )
   loop = bilevel(
     inner_loss,
     outer_loss,
@@ -71,4 +83,4 @@ def soba(
     loss_has_aux=loss_has_aux,
   )
   settings = {"inner_lr": inner_lr, "outer_lr": outer_lr, "adjoint_lr": adjoint_lr}
-  return loop._replace(config={**loop.config, "method": "soba", **settings})
+  return loop._replace(config={**loop.config, **_common.config("soba", **settings)})

@@ -39,9 +39,9 @@ def srba(
   outer_loss: Callable[..., Any],
   *,
   period: int,
-  inner_lr: float | jax.Array,
-  outer_lr: float | jax.Array,
-  adjoint_lr: float | jax.Array | None = None,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
+  adjoint_lr: float | jax.Array | optax.Schedule | None = None,
   hparam_transform: Any = None,
 ) -> Bilevel:
   r"""SRBA: the three directions of SOBA, each a SARAH estimate restarted every `period` steps.
@@ -69,9 +69,10 @@ def srba(
     inner_loss: ``inner_loss(params, hparams, *batch)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *batch)`` -> scalar validation loss.
     period: q, iterations between full-batch restarts.
-    inner_lr: rho, the weights' step.
-    outer_lr: gamma, the hyperparameters' step.
-    adjoint_lr: the adjoint's step (rho when None).
+    inner_lr: rho, the weights' step: a number or an `optax.Schedule` of the iteration
+      count t = ``state.step`` (from 0; a step the guard skips still counts).
+    outer_lr: gamma, the hyperparameters' step (a number or a schedule of t).
+    adjoint_lr: the adjoint's step, a number or a schedule of t (rho when None).
     hparam_transform: as in `ih.bilevel`.
 
   Returns:
@@ -89,7 +90,6 @@ def srba(
   _common.check_rates(call, inner_lr=inner_lr, outer_lr=outer_lr, adjoint_lr=adjoint_lr)
   adjoint_lr = inner_lr if adjoint_lr is None else adjoint_lr
   constrain = transforms.hparam_transformation(hparam_transform)
-  optimizers = (optax.sgd(inner_lr), optax.sgd(outer_lr))
   inner_of_raw = lambda p, raw, *a: inner_loss(p, constrain(raw), *a)
   outer_of_raw = lambda p, raw, *a: outer_loss(p, constrain(raw), *a)
 
@@ -100,7 +100,7 @@ def srba(
     inner = _directions.InnerOracles(zero, zero, otu.tree_zeros_like(hparams))
     outer = _directions.OuterOracles(zero, otu.tree_zeros_like(hparams))
     method_state = SRBAState(zero, (params, hparams, zero), inner, outer)
-    return _common.initial_state(params, hparams, optimizers, method_state)
+    return _common.initial_state(params, hparams, method_state)
 
   def step(
     state: BilevelState, inner_args: Sequence[Any], outer_args: Sequence[Any]
@@ -126,8 +126,7 @@ def srba(
     )
     return _directions.step(
       state,
-      optimizers,
-      adjoint_lr,
+      (inner_lr, outer_lr, adjoint_lr),
       inner,
       outer,
       adjoint=memory.adjoint,

@@ -24,11 +24,11 @@ def stocbio(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
   *,
-  inner_lr: float | jax.Array,
-  outer_lr: float | jax.Array,
+  inner_lr: float | jax.Array | optax.Schedule,
+  outer_lr: float | jax.Array | optax.Schedule,
   inner_steps: int = 10,
   neumann_steps: int = 10,
-  neumann_lr: float | jax.Array | None = None,
+  neumann_lr: float | jax.Array | optax.Schedule | None = None,
   hparam_transform: Any = None,
 ) -> Bilevel:
   r"""StocBiO: warm-started inner SGD, then a stochastic Neumann series for the adjoint.
@@ -52,11 +52,14 @@ def stocbio(
   Args:
     inner_loss: ``inner_loss(params, hparams, *batch)`` -> scalar training loss.
     outer_loss: ``outer_loss(params, hparams, *batch)`` -> scalar validation loss.
-    inner_lr: alpha, the weights' SGD step.
-    outer_lr: gamma, the hyperparameters' step.
+    inner_lr: alpha, the weights' SGD step: a number or an `optax.Schedule` of the
+      iteration count t = ``state.step`` (from 0; the T steps of iteration t all take
+      alpha(t)).
+    outer_lr: gamma, the hyperparameters' step (a number or a schedule of t).
     inner_steps: T, SGD steps per iteration.
     neumann_steps: Q, Hessian-vector products (series terms) per iteration.
-    neumann_lr: eta, the series' step (`inner_lr` when None).
+    neumann_lr: eta, the series' step, a number or a schedule of t (`inner_lr` when
+      None).
     hparam_transform: as in `ih.bilevel`.
 
   Returns:
@@ -74,7 +77,6 @@ def stocbio(
   _common.check_rates(call, inner_lr=inner_lr, outer_lr=outer_lr, neumann_lr=neumann_lr)
   neumann_lr = inner_lr if neumann_lr is None else neumann_lr
   constrain = transforms.hparam_transformation(hparam_transform)
-  optimizers = (optax.sgd(inner_lr), optax.sgd(outer_lr))
   inner_of_raw = lambda p, raw, *a: inner_loss(p, constrain(raw), *a)
   outer_of_raw = lambda p, raw, *a: outer_loss(p, constrain(raw), *a)
   length = inner_steps + neumann_steps + 1
@@ -82,28 +84,31 @@ def stocbio(
   def init(params: PyTree, hparams: PyTree) -> BilevelState:
     params, hparams = _common.strongly_typed(params), _common.strongly_typed(hparams)
     _common.check_hparams(call, hparams, constrain)
-    return _common.initial_state(params, hparams, optimizers, ())
+    return _common.initial_state(params, hparams, ())
 
-  def adjoint(params: PyTree, raw: PyTree, b: PyTree, batches: tuple[Any, ...]) -> PyTree:
+  def adjoint(
+    params: PyTree, raw: PyTree, b: PyTree, batches: tuple[Any, ...], eta: jax.Array
+  ) -> PyTree:
     """``eta * sum_q prod_k (I - eta H_k) b``, one batch per factor."""
 
     def term(carry: tuple[PyTree, PyTree], batch: tuple[Any, ...]) -> tuple[Any, None]:
       power, total = carry
       hvp = operators.hessian_vector_product(inner_of_raw, params, raw, batch)(power)
-      power = otu.tree_add_scale(power, -neumann_lr, hvp)
+      power = otu.tree_add_scale(power, -eta, hvp)
       return (power, otu.tree_add(total, power)), None
 
     (_, total), _ = jax.lax.scan(term, (b, b), batches, length=neumann_steps)
-    return otu.tree_scale(neumann_lr, total)
+    return otu.tree_scale(eta, total)
 
   def step(
     state: BilevelState, inner_args: Sequence[Any], outer_args: Sequence[Any]
   ) -> tuple[BilevelState, BilevelMetrics]:
     _common.check_args(call, inner_args, outer_args, length, "inner_steps + neumann_steps + 1")
     raw, inner_args = state.hparams, tuple(inner_args)
+    alpha, gamma, eta = (_common.rate(lr, state.step) for lr in (inner_lr, outer_lr, neumann_lr))
     params, opt_state, losses, _ = unrolled.inner_updates(
       inner_loss,
-      optimizers[0],
+      optax.sgd(alpha),
       state.params,
       state.inner_opt_state,
       constrain(raw),
@@ -114,7 +119,7 @@ def stocbio(
       params, raw, *outer_args
     )
     series = jax.tree.map(lambda b: b[inner_steps:-1], inner_args)
-    u = adjoint(params, raw, grad_params, series)
+    u = adjoint(params, raw, grad_params, series, eta)
     last = jax.tree.map(lambda b: b[-1], inner_args)
     cross = operators.hparams_vjp(jax.grad(inner_of_raw), params, raw, last)(u)
     update = _common.Update(
@@ -129,7 +134,7 @@ def stocbio(
       outer_value_fn=lambda raw: outer_of_raw(params, raw, *outer_args),
       info=_common.no_solve(),
     )
-    return _common.finish(state, optimizers[1], update)
+    return _common.finish(state, optax.sgd(gamma), update)
 
   config = _common.config(
     call,
