@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 
 from tools import results_benchmark_tables as tables
+from tools import results_bilevel as bilevel
 from tools import results_gallery as gallery
 from tools import results_guides as guides
 from tools import results_pages as pages
@@ -29,7 +30,6 @@ from tools._results import README
 from tools._results import RESULTS
 from tools._results import ROOT
 from tools.results_benchmarks import benchmarks_block
-from tools.results_benchmarks import bilevel_tables
 from tools.results_examples import examples_table
 
 MARKER = re.compile(r"<!-- ([\w-]+):begin -->")
@@ -71,7 +71,8 @@ BLOCKS = {
     "accuracy": tables.accuracy_table,
     "scale": tables.scale_table,
     "end-to-end": tables.end_to_end_table,
-    "bilevel": bilevel_tables,
+    "bilevel": bilevel.bilevel_tables,
+    "bilevel-logreg-diagnosis": bilevel.logreg_diagnosis,
     "overhead": search_results.overhead_table,
     "search": search_results.benchmarks_search_table,
     "eager": search_results.eager_table,
@@ -95,13 +96,14 @@ BLOCKS = {
   },
   DOCS / "choosing-a-solver.md": {
     "solvers": pages.solver_table,
-    "bilevel-choice": pages.bilevel_choice,
+    "bilevel-choice": bilevel.bilevel_choice,
   },
   DOCS / "concepts" / "unrolled-vs-implicit.md": {
     "memory": pages.unrolled_memory,
     "speed": pages.unrolled_speed,
   },
   DOCS / "concepts" / "theorem.md": {"rule-speed": pages.rule_speed},
+  DOCS / "concepts" / "first-order.md": {"bilevel-first-order": bilevel.first_order},
   DOCS / "guides" / "per-weight-decay.md": {
     "results": guides.guide_per_weight_decay,
     "scale": guides.guide_scale,

@@ -1,16 +1,15 @@
-"""The benchmarks' published runs, rendered: the README's benchmark block and the bilevel tables.
+"""The benchmarks' published runs, rendered: the README's benchmark block.
 
 Every number is read from `docs/results/<benchmark>/`; see tools/render_results.py.
 """
 
-import json
 import statistics
 
+from tools import results_bilevel as bilevel
 from tools._results import RESULTS
 from tools._results import load
 from tools._results import mebibytes
 from tools._results import seconds
-from tools._results import wall
 
 SPEED_COLUMNS = (
   ("hand-written floor", "floor"),
@@ -107,90 +106,6 @@ def scale_line() -> str:
   )
 
 
-BILEVEL_PROBLEMS = {
-  "quadratic": "quadratic bilevel problem with a known solution",
-  "logreg": "per-feature L2 logistic regression on MNIST-5k",
-  "cleaning": "hyper-cleaning on MNIST-5k",
-}
-
-
-def hit(reached: dict) -> str:
-  """Median seconds / evaluations to a target, or "not reached"."""
-  if reached.get("seconds") is None:
-    return "not reached"
-  return f"{seconds(reached['seconds'])} / {reached['evaluations']:,.0f}"
-
-
-def bilevel_tables() -> str:
-  """benchmarks/bilevel.py: one table per problem whose results are committed."""
-  parts = []
-  for problem, title in BILEVEL_PROBLEMS.items():
-    path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
-    if not path.exists():
-      parts.append(
-        f"**{title}**: not generated yet (`python -m tools.reproduce --only bilevel_{problem}`)."
-      )
-      continue
-    data = json.loads(path.read_text())
-    settings, results = data["settings"], data["results"]
-    reference = settings.get("reference")
-    extra = "final distance to λ*" if problem == "quadratic" else "final test accuracy"
-    headers = ["method", "outer step", "final F", extra, "time / evaluations to target"]
-    headers += ["seeds at target", "diverged"]
-    if reference:
-      headers.insert(6, f"time / evaluations to {reference[0]}")
-    rows = []
-    for method, r in results.items():
-      value = r.get("median_final_distance", r.get("median_final_test_acc"))
-      row = [method, f"{data['chosen_outer_lr'][method]:g}", f"{r['median_final_outer']:.4g}"]
-      row += [f"{value:.4g}", hit(r["time_to_target"])]
-      row += [f"{r['time_to_target']['seeds_reaching']}/{r['time_to_target']['seeds']}"]
-      if reference:
-        row.append(hit(r["time_to_reference"]))
-      rows.append(row + [str(r["diverged_seeds"])])
-    table = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    table += ["| " + " | ".join(row) + " |" for row in rows]
-    start = data["runs"][next(iter(results))][0][0]["outer"]
-    ref = f"; {reference[0]}: F = {reference[1]:.4g}" if reference else ""
-    parts.append(
-      f"**{title}** (`python benchmarks/bilevel.py --problem {problem}`,"
-      f" {wall(f'bilevel_{problem}')}): {settings['budget']:,} evaluations per run, median over"
-      f" {len(settings['seeds'])} seeds; target F ≤ {settings['target']:.4g} from"
-      f" F = {start:.4g}{ref}.\n\n"
-      + "\n".join(table)
-      + f"\n\n![{problem}](../docs/results/bilevel_{problem}/bilevel_{problem}.png)"
-    )
-  return "\n\n".join(parts)
-
-
-def bilevel_line() -> str:
-  """The README's one line on benchmarks/bilevel.py: evaluations to target per method."""
-  cells = []
-  for problem in BILEVEL_PROBLEMS:
-    path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
-    if path.exists():
-      results = json.loads(path.read_text())["results"]
-      reached = ", ".join(
-        f"{m} {r['time_to_target']['evaluations']:,.0f}"
-        if r["time_to_target"].get("seconds") is not None
-        else f"{m} not reached"
-        for m, r in results.items()
-      )
-      cells.append(f"{problem}: {reached}")
-  if not cells:
-    return (
-      "- **Bilevel methods**: not generated yet (`python -m tools.reproduce --only bilevel_*`)."
-    )
-  return (
-    "- **Bilevel methods** (`python benchmarks/bilevel.py --problem quadratic|logreg|cleaning`):"
-    " Algorithm 1 with Neumann, CG and Nyström-preconditioned CG, SOBA, AmIGO and truncated"
-    " unrolled differentiation,"
-    " evaluations to the target outer loss (median of 5 seeds): "
-    + "; ".join(cells)
-    + ". Tables and curves: [benchmarks/README.md](benchmarks/README.md#bilevel-methods-bilevelpy)."
-  )
-
-
 def benchmark_lines() -> str:
   """One line per benchmark; one not yet regenerated says how to regenerate it."""
   lines = []
@@ -201,7 +116,7 @@ def benchmark_lines() -> str:
       lines.append(
         f"- **{name.title()}**: not regenerated yet (`python -m tools.reproduce --only {name}`)."
       )
-  lines.append(bilevel_line())
+  lines.append(bilevel.bilevel_line())
   return "\n".join(lines)
 
 
