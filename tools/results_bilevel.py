@@ -25,7 +25,9 @@ FINALS = {  # result key -> column title
 
 
 def published(problem: str) -> bool:
-  return (RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json").exists()
+  """Whether the problem's results are committed in the current format (per-variant results)."""
+  path = RESULTS / f"bilevel_{problem}" / f"bilevel_{problem}.json"
+  return path.exists() and "problems" in data(problem)
 
 
 def data(problem: str) -> dict:
@@ -62,6 +64,18 @@ def variant_table(results: dict, chosen: dict, *, residual: bool) -> str:
   return "\n".join(rows)
 
 
+def verdict(problem: str, results: dict) -> str:
+  """Which methods reach the problem's ranking target, and the final metric of the others."""
+  target = TARGETS[problem]
+  final = next(k for k in FINALS if k in next(iter(results.values())))
+  order, never = ranked(results, target)
+  missed = ", ".join(f"{m} {number(results[m.strip('`')][final])}" for m in never)
+  return (
+    f"Reach `{target}`: {', '.join(order) or 'none'}."
+    + (f" Miss it ({FINALS[final]}): {missed}." if missed else "")
+  )
+
+
 def problem_section(problem: str) -> str:
   payload = data(problem)
   settings = payload["settings"]
@@ -83,6 +97,7 @@ def problem_section(problem: str) -> str:
       line += f"; the 90% target: F ≤ {extra['target']:.4g}"
     parts.append(line + ".")
     parts.append(variant_table(results, extra["chosen"], residual=problem == "logreg"))
+    parts.append(verdict(problem, results))
   parts.append(f"![{problem}](../docs/results/bilevel_{problem}/bilevel_{problem}.png)")
   return "\n\n".join(parts)
 
