@@ -22,6 +22,7 @@ Methods (batches of 64 everywhere, T = 10 inner steps and K = 10 products where 
   soba_decay               `ih.soba` with SOBA's decreasing steps (the paper's Theorem 1):
                            rho_t = rho (t + 1)^(-2/5) on the weights, gamma_t = gamma
                            (t + 1)^(-3/5) on the hyperparameters (adjoint step rho)
+  fsla                     `ih.fsla` (STORM-corrected hypergradient, momentum 0.5)
   amigo, stocbio           `ih.amigo`, `ih.stocbio`
   amigo_decay              `ih.amigo` with the same two schedules (per hyper step)
   f2sa, bome, sama         the Hessian-free `ih.f2sa`, `ih.bome`, `ih.sama` (SGD inner)
@@ -98,9 +99,9 @@ class Method(NamedTuple):
   """How the benchmark builds and feeds one method.
 
   `make(problem, rho, gamma)` returns the loop; `data` is "stacked" (``inner_args``
-  leaves lead with `steps`), "indexed" (``(i, *batch)`` of a fixed partition) or
-  "restart" (one batch, the full sets every `period` steps); `calls` are the per-sample
-  oracle calls of one iteration, (inner, outer).
+  leaves lead with `steps`), "indexed" (``(i, *batch)`` of a fixed partition), "single"
+  (one batch) or "restart" (one batch, the full sets every `period` steps); `calls` are
+  the per-sample oracle calls of one iteration, (inner, outer).
   """
 
   make: callable
@@ -232,6 +233,18 @@ METHODS = {
     T,
     (T + K + 1, 2),
   ),
+  "fsla": Method(
+    lambda p, rho, gamma: ih.fsla(
+      p.inner_loss,
+      p.outer_loss,
+      inner_lr=rho,
+      outer_lr=gamma,
+      hparam_transform=p.hparam_transform,
+    ),
+    "single",
+    0,
+    (4, 4),
+  ),
   "amigo_decay": Method(
     lambda p, rho, gamma: ih.amigo(
       p.inner_loss,
@@ -323,7 +336,7 @@ def sampler(p, method: Method):
       return inner, (j, *(a[val_rows] for a in p.val))
 
     return sample
-  shape = (BATCH,) if method.data == "restart" else (method.steps, BATCH)
+  shape = (BATCH,) if method.data in ("restart", "single") else (method.steps, BATCH)
 
   def sample(key):
     inner_key, outer_key = jax.random.split(key)
