@@ -176,7 +176,7 @@ def main(argv=None):
   for _ in range(args.hyper_steps):
     for run in runs.values():
       solver, state = run["solver"], run["state"]
-      sketch = sketch_products(solver, state.method_state)
+      sketch = sketch_products(solver, state.method_state.solver)
       start = time.perf_counter()
       state, metrics = jax.block_until_ready(run["step"](state, inner_args, validation))
       run["seconds"].append(time.perf_counter() - start)

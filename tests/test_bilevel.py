@@ -120,11 +120,11 @@ def test_nan_in_hypergradient_is_skipped_and_counted():
   assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree.leaves(states[-1].outer_opt_state))
   # The skipped step resets the solver state (the cached Neumann step) to `solver.init`;
   # the next one estimates the step afresh.
-  assert np.isnan(float(states[3].method_state.alpha))
+  assert np.isnan(float(states[3].method_state.solver.alpha))
   x = train[0]
   hessian = x.T @ x / len(x) + float(jnp.exp(states[3].hparams)) * np.eye(x.shape[1])
   np.testing.assert_allclose(
-    float(states[4].method_state.alpha), 1 / np.linalg.eigvalsh(hessian)[-1], rtol=1e-4
+    float(states[4].method_state.solver.alpha), 1 / np.linalg.eigvalsh(hessian)[-1], rtol=1e-4
   )
 
 
@@ -132,7 +132,7 @@ def test_neumann_step_is_cached_and_refreshed_every_m_steps():
   train, _ = ridge_data()
   x = train[0]
   states, _ = run_ridge(NEUMANN, 21)
-  alphas = [float(s.method_state.alpha) for s in states[1:]]  # after hyper steps 0..20
+  alphas = [float(s.method_state.solver.alpha) for s in states[1:]]  # after hyper steps 0..20
   assert len(set(alphas[0:10])) == 1 and len(set(alphas[10:20])) == 1
   assert alphas[9] != alphas[10] != alphas[20]
   for k in (0, 10, 20):
@@ -149,7 +149,7 @@ def test_cg_warm_start_from_previous_adjoint_needs_fewer_iterations():
   state, x = warm_states[-1], train[0]
   hessian = x.T @ x / len(x) + float(jnp.exp(warm_states[-2].hparams)) * np.eye(x.shape[1])
   grad_params = jax.grad(validation_loss)(state.params, None, *valid)
-  adjoint = state.method_state  # CG's state: its last solution
+  adjoint = state.method_state.solver  # CG's state: its last solution
   residual = np.linalg.norm(hessian @ adjoint - grad_params) / np.linalg.norm(grad_params)
   assert residual <= 1e-4  # the state holds the last solve's adjoint
   warm_iterations = sum(int(m.solver_steps) for m in warm[60:])

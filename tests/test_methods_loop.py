@@ -126,6 +126,23 @@ def test_stationarity_in_the_metrics_shows_adamw_is_not_at_the_training_argmin()
   assert measured["adam"] < 1e-4 < 5e-4 < measured["adamw"]
 
 
+# Issue 20: the denominator is taken once, at the first hyper step, and kept in the state.
+def test_stationarity_is_the_gradient_relative_to_the_one_at_the_first_weights():
+  w0 = jnp.asarray(RNG.normal(size=D))
+  loop = ih.bilevel(train, valid, optax.sgd(0.01), optax.adam(0.01), inner_steps=T)
+  state, step = loop.init(w0, jnp.asarray(0.1)), jax.jit(loop.step)
+  assert np.isnan(float(state.method_state.stationarity_scale))
+  gradient_norm = lambda w, decay: float(jnp.linalg.norm(jax.grad(train)(w, decay, X, Y)))
+  scale = gradient_norm(w0, 0.1)
+  for _ in range(3):
+    hparams = state.hparams
+    state, metrics = step(state, INNER_ARGS, (XV, YV))
+    np.testing.assert_allclose(state.method_state.stationarity_scale, scale, rtol=1e-13)
+    expected = gradient_norm(state.params, float(hparams)) / scale
+    np.testing.assert_allclose(metrics.stationarity, expected, rtol=1e-12)
+  assert 0.5 < float(metrics.stationarity) < 1.0  # 30 small SGD steps: far from the argmin
+
+
 # Issue 20 section 6: optax's extra-args optimisers get value, grad and value_fn.
 @pytest.mark.parametrize(
   "inner_optimizer, outer_optimizer",

@@ -270,7 +270,7 @@ def test_user_defined_solver_threads_its_state_through_hypergrad_and_bilevel():
   inner_args = (jnp.stack([X, X]), jnp.stack([Y, Y]))
   for _ in range(3):
     st, metrics = step(st, inner_args, (XV, YV))
-  assert int(st.method_state) == 3 and int(metrics.num_skipped) == 0
+  assert int(st.method_state.solver) == 3 and int(metrics.num_skipped) == 0
 
 
 def test_neumann_state_caches_its_step_for_refresh_every_solves():

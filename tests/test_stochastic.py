@@ -63,7 +63,7 @@ def test_single_loop_methods_reach_the_closed_form_solution(name, make, steps):
   assert jnp.linalg.norm(state.params - theta_star) <= 1e-8 * jnp.linalg.norm(theta_star)
   # The warm adjoint has converged to H^{-1} grad L_V at the solution.
   adjoint = jnp.linalg.solve(A, state.params - TARGET)
-  assert jnp.linalg.norm(state.method_state - adjoint) <= 1e-7 * jnp.linalg.norm(adjoint)
+  assert jnp.linalg.norm(state.method_state.solver - adjoint) <= 1e-7 * jnp.linalg.norm(adjoint)
 
 
 def test_richardson_from_zero_equals_the_neumann_series():

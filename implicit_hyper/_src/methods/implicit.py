@@ -4,12 +4,14 @@ import dataclasses
 from collections.abc import Callable
 from collections.abc import Sequence
 from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 import optax.tree_utils as otu
 
+from implicit_hyper._src import differentiable
 from implicit_hyper._src import transforms
 from implicit_hyper._src import unrolled
 from implicit_hyper._src.hypergrad import hypergrad_with_info
@@ -25,6 +27,21 @@ from implicit_hyper._src.solvers._base import SolverLike
 from implicit_hyper._src.solvers.neumann import Neumann
 
 METHODS = ("implicit", "unrolled")
+
+
+class ImplicitState(NamedTuple):
+  r"""`BilevelState.method_state` of ``bilevel(method="implicit")`` (and of SOBA, AmIGO).
+
+  Attributes:
+    solver: the linear solver's state (`ih.Neumann`'s cached step, `ih.CG`'s warm start,
+      SOBA's adjoint).
+    stationarity_scale: :math:`\|\nabla_\theta L_T(\theta_0)\|` at the weights of the first
+      hyper step on its last training batch, the denominator of
+      `BilevelMetrics.stationarity`; NaN until that step sets it.
+  """
+
+  solver: Any
+  stationarity_scale: jax.Array
 
 
 def bilevel(
@@ -60,6 +77,16 @@ def bilevel(
 
   Cost per hyper step: `inner_steps` gradients, one gradient of the validation loss, the
   solver's Hessian-vector products and one mixed product.
+
+  `BilevelMetrics.stationarity` is
+  :math:`\|\nabla_\theta L_T(\theta_k)\| / \|\nabla_\theta L_T(\theta_0)\|`: the training
+  gradient at the weights where the hypergradient is taken, on the last training batch of
+  the step, relative to the one at the weights of the first hyper step (`init`'s `params`),
+  on that step's last batch (1 when that is zero). The numerator is the primal of the mixed
+  product and the denominator is computed once and kept in `method_state`
+  (`ImplicitState`), so it costs nothing per step. It should fall as training proceeds; a
+  value that stays of order one says the weights are not near a training minimum (too
+  few or too small inner steps, or an inner optimiser whose fixed point is another one).
 
   The solver's state (`ih.Neumann`'s cached ``1 / lambda_max``, renewed every
   `refresh_every` solves; `ih.CG`'s warm start) is `BilevelState.method_state`, carried
@@ -202,7 +229,7 @@ class _Algorithm1:
       hparams=hparams,
       inner_opt_state=inner_state,
       outer_opt_state=self.outer_optimizer.init(hparams),
-      method_state=self.solver.init(params) if self.implicit else None,
+      method_state=self.implicit_state(params) if self.implicit else None,
       step=jnp.zeros((), jnp.int32),
       num_skipped=jnp.zeros((), jnp.int32),
     )
@@ -214,28 +241,47 @@ class _Algorithm1:
     params, opt_state, losses, inner_aux, grads, outer_value, outer_aux = self.train(
       state, tuple(inner_args), tuple(outer_args)
     )
-    solver_state, fresh = state.method_state, None
+    method_state, fresh = state.method_state, None
     info = _base.no_solve_info(_base.tree_dtype(params))
     if self.implicit:
+      batch = jax.tree.map(lambda b: b[-1], tuple(inner_args))
+      inner_of_raw = self.of_raw(self.inner_loss)
       implicit_grads, info, solver_state = hypergrad_with_info(
-        self.of_raw(self.inner_loss),
+        inner_of_raw,
         self.of_raw(self.outer_loss),
         params,
         state.hparams,
-        inner_args=jax.tree.map(lambda b: b[-1], tuple(inner_args)),
+        inner_args=batch,
         outer_args=tuple(outer_args),
         solver=self.solver,
-        solver_state=state.method_state,
+        solver_state=state.method_state.solver,
       )
       grads = otu.tree_add(grads, implicit_grads)
+      scale = state.method_state.stationarity_scale
+      # Once, at the first hyper step: the denominator of the stationarity.
+      scale = jax.lax.cond(
+        jnp.isnan(scale),
+        lambda: _gradient_norm(inner_of_raw, state.params, state.hparams, batch).astype(
+          scale.dtype
+        ),
+        lambda: scale,
+      )
+      stationarity = _gradient_norm(inner_of_raw, params, state.hparams, batch)
+      # It replaces hypergrad_with_info's, whose gradient at zero `jit` then never computes.
+      info = info._replace(
+        stationarity=(stationarity / jnp.where(scale > 0, scale, 1.0)).astype(
+          info.stationarity.dtype
+        )
+      )
+      method_state = ImplicitState(solver_state, scale)
       # A skipped step may come from what the solver kept (a stale step size): start afresh.
-      fresh = self.solver.init(params)
+      fresh = ImplicitState(self.solver.init(params), scale)
     outer_of_raw = self.of_raw(self.outer_loss)
     update = _common.Update(
       params=params,
       inner_opt_state=opt_state,
       grads=grads,
-      method_state=solver_state,
+      method_state=method_state,
       method_state_if_skipped=fresh,
       flagged=info.diverged,
       inner_loss=jnp.mean(losses),
@@ -246,6 +292,11 @@ class _Algorithm1:
       outer_aux=outer_aux,
     )
     return _common.finish(state, self.outer_optimizer, update)
+
+  def implicit_state(self, params: PyTree) -> ImplicitState:
+    """The method state at step 0: the solver's, and no stationarity scale yet."""
+    dtype = _base.tree_dtype(differentiable.partition(params)[0])
+    return ImplicitState(self.solver.init(params), jnp.full((), jnp.nan, dtype))
 
   def train(
     self, state: BilevelState, inner_args: tuple[Any, ...], outer_args: tuple[Any, ...]
@@ -298,6 +349,15 @@ class _Algorithm1:
     params, opt_state, tail_losses, tail_aux, outer_aux = aux
     losses = jnp.concatenate([losses, tail_losses])
     return params, opt_state, losses, tail_aux, grads, outer_value, outer_aux
+
+
+def _gradient_norm(
+  loss: Callable[..., Any], params: PyTree, raw: PyTree, args: Sequence[Any]
+) -> jax.Array:
+  """``||grad_params loss(params, raw, *args)||`` over the floating leaves of `params`."""
+  floating, constant = differentiable.partition(params)
+  of_floating = lambda f: loss(differentiable.combine(f, constant), raw, *args)
+  return otu.tree_norm(jax.grad(of_floating)(floating))
 
 
 def _check_settings(
