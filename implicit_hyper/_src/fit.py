@@ -23,6 +23,7 @@ from implicit_hyper._src import checkpoint
 from implicit_hyper._src import trust
 from implicit_hyper._src.checkpoint import load_checkpoint
 from implicit_hyper._src.checkpoint import save_checkpoint
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.trust import HypergradientError
 from implicit_hyper._src.trust import HypergradientWarning
 
@@ -337,7 +338,7 @@ def _compiled_step(
     state, metrics = step(state, inner_args, outer_args)
     return state, metrics, constrain(state.hparams)
 
-  return jax.jit(step_and_hparams)
+  return _static.filter_jit(step_and_hparams)  # equinox functions in the state are static
 
 
 def _record(step: int, metrics: Any, hparams: Any, extra: dict[str, Any] | None) -> dict[str, Any]:
@@ -362,7 +363,7 @@ def _scalars(prefix: str, tree: Any) -> dict[str, Any]:
   """The scalar leaves of `tree` named ``prefix`` or ``prefix/<path>`` (a None tree has none)."""
   scalars = {}
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
-    if np.size(leaf) == 1:
+    if not _static.is_static(leaf) and np.size(leaf) == 1:
       name = "/".join(
         str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path
       )

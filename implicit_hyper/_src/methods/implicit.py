@@ -16,6 +16,7 @@ from implicit_hyper._src import transforms
 from implicit_hyper._src import unrolled
 from implicit_hyper._src.hypergrad import hypergrad_with_info
 from implicit_hyper._src.methods import _common
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
@@ -44,6 +45,7 @@ class ImplicitState(NamedTuple):
   stationarity_scale: jax.Array
 
 
+@_static.carries_static
 def bilevel(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
