@@ -84,9 +84,9 @@ def bilevel(
   :math:`\|\nabla_\theta L_T(\theta_k)\| / \|\nabla_\theta L_T(\theta_0)\|`: the training
   gradient at the weights where the hypergradient is taken, on the last training batch of
   the step, relative to the one at the weights of the first hyper step (`init`'s `params`),
-  on that step's last batch (1 when that is zero). The numerator is the primal of the mixed
-  product and the denominator is computed once and kept in `method_state`
-  (`ImplicitState`), so it costs nothing per step. It should fall as training proceeds; a
+  on that step's last batch (1 when that is zero). The denominator is computed once and
+  kept in `method_state` (`ImplicitState`); the numerator is the metric's only cost, one
+  gradient per step at most (XLA shares part of it with the mixed product). It should fall as training proceeds; a
   value that stays of order one says the weights are not near a training minimum (too
   few or too small inner steps, or an inner optimiser whose fixed point is another one).
 
@@ -96,6 +96,13 @@ def bilevel(
   ``solver.init(params)``: with minibatches, or while the curvature grows early in
   training, a cached Neumann step can exceed ``2 / lambda_max`` of a later Hessian, and
   the next step then re-estimates it.
+
+  The weights and hyperparameters may be equinox Modules whose fields include functions
+  (``activation: Callable = jax.nn.relu``) or other leaves that are not arrays or numbers:
+  as with ``eqx.partition(tree, eqx.is_inexact_array)``, the arrays are trained and
+  differentiated and the other leaves are carried unchanged in the state. Jit the step
+  with ``eqx.filter_jit`` then (``jax.jit`` refuses a function among its arguments);
+  `ih.fit` does so itself and checkpoints only the arrays.
 
   Optimisers of the `optax.GradientTransformationExtraArgs` kind get ``value``, ``grad``
   and ``value_fn`` by keyword: the inner one the minibatch training loss as a function of
