@@ -70,10 +70,17 @@ def verdict(problem: str, results: dict) -> str:
   final = next(k for k in FINALS if k in next(iter(results.values())))
   order, never = ranked(results, target)
   missed = ", ".join(f"{m} {number(results[m.strip('`')][final])}" for m in never)
-  return (
-    f"Reach `{target}`: {', '.join(order) or 'none'}."
-    + (f" Miss it ({FINALS[final]}): {missed}." if missed else "")
+  line = f"Reach `{target}`: {', '.join(order) or 'none'}." + (
+    f" Miss it ({FINALS[final]}): {missed}." if missed else ""
   )
+  if problem == "cleaning" and {"soba", "saba", "srba"} <= set(results):
+    soba = "to SOBA's final test error"
+    line += (
+      f" To SOBA's final test error ({number(results['soba']['final_test_error'])}):"
+      f" `saba` {hit(results['saba'][soba])}, `srba` {hit(results['srba'][soba])},"
+      f" `soba` {hit(results['soba'][soba])} (calls / time)."
+    )
+  return line
 
 
 def problem_section(problem: str) -> str:
