@@ -1,8 +1,10 @@
-"""Smoke tests of benchmarks/overhead.py, benchmarks/search.py and benchmarks/device_check.sh.
+"""Smoke tests of benchmarks/device_check.sh and the scripts it runs, and of benchmarks/search.py.
 
-`device_check.sh --quick` (which runs speed.py, scale.py and overhead.py with --quick) and
-`search.py --quick` run at once, each in its own subprocess, once per module. Nothing here
-asserts a timing; the tests check what the numbers must satisfy whatever the machine.
+`device_check.sh --quick` runs `speed.py --quick`, `scale.py --quick` and `overhead.py --quick`
+(each with `--out` its folder, as a user would run them), so the smoke tests of those three
+scripts read that one run's output. It and `search.py --quick` run at once, each in its own
+subprocess, once per module. Nothing here asserts a timing; the tests check what the numbers
+must satisfy whatever the machine.
 """
 
 import json
@@ -44,10 +46,17 @@ def outputs(tmp_path_factory):
   return device, searched
 
 
+def load(out: Path, name: str) -> dict:
+  payload = json.loads((out / f"{name}.json").read_text())
+  assert {"machine", "results"} <= set(payload)
+  assert {"jax", "backend", "device"} <= set(payload["machine"])
+  return payload
+
+
 def test_device_check_writes_every_table_and_a_summary_of_exit_codes(outputs):
   device, _ = outputs
   for name in ("speed", "scale", "overhead"):
-    assert json.loads((device / f"{name}.json").read_text())["results"]
+    assert load(device, name)["results"]
     assert (device / f"{name}.txt").stat().st_size > 0
   summary = (device / "summary.txt").read_text().splitlines()
   assert [line.split()[0] for line in summary] == ["speed.py", "scale.py", "overhead.py"]
@@ -62,6 +71,32 @@ def test_device_check_refuses_an_unknown_option():
     check=False,
   )
   assert done.returncode == 2 and "unknown option --fast" in done.stderr
+
+
+def test_speed_times_every_method_and_neumann_matches_the_handwritten_floor(outputs):
+  payload = load(outputs[0], "speed")
+  (width,) = payload["results"]
+  expected = {"ih Neumann(alpha)", "ih Neumann(auto)", "ih CG", "floor", "one gradient"}
+  assert expected <= set(width["seconds"])
+  assert any(name.startswith("unrolled") for name in width["seconds"])
+  assert all(seconds > 0 for seconds in width["seconds"].values())
+  assert width["ratio_to_floor"]["floor"] == 1.0
+  assert width["library_solver_steps"]["ih Neumann(alpha)"] == payload["steps"]
+  assert width["cosine_neumann_to_floor"] == pytest.approx(1.0, abs=1e-5)
+  costs = width["product_costs"]
+  assert {"gradient", "forward-over-reverse", "reverse-over-reverse"} == set(costs)
+  assert all(c["flops"] > 0 and c["seconds"] > 0 for c in costs.values())
+
+
+def test_scale_reports_time_and_memory_per_size(outputs):
+  payload = load(outputs[0], "scale")
+  sizes = [r["hyperparameters"] for r in payload["results"]]
+  assert sizes == sorted(sizes) and len(sizes) >= 2
+  for r in payload["results"]:
+    assert r["seconds"] > 0 and r["gradient_seconds"] > 0 and r["peak_bytes"] > 0
+  totals = [r["xla_total_bytes"] for r in payload["results"]]
+  assert totals[-1] > totals[0]
+  assert (outputs[0] / "scale.png").stat().st_size > 0
 
 
 def test_overhead_floor_is_t_plus_c_k_plus_two_over_t_and_the_step_compiles_once(outputs):
