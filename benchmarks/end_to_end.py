@@ -7,7 +7,7 @@ and bias, ten full-batch Adam steps per hyper step, one Adam step on the log-dec
 defaults), `TRAIN_SIZE`, `VALIDATION_SIZE` and the depth (`DEPTHS`) come from the example;
 its data and model setup lives inside its `main()`, so it is repeated here with the
 same `ih_examples` helpers (`datasets.load_dataset`, `splits.train_validation_test`,
-`models.MLP`) and the same seed. One difference: the example's default Neumann series
+`models.mlp`) and the same seed. One difference: the example's default Neumann series
 has 50 terms; the reference here is ``ih.Neumann(steps=20)`` (K = 20, the automatic
 step), as the issue asks.
 
@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 
 import implicit_hyper as ih
 
@@ -130,11 +131,12 @@ def main(argv=None):
     data, example.TRAIN_SIZE, example.VALIDATION_SIZE, seed=args.seed
   )
   train, validation, test = jax.device_put((train, validation, test))
-  model = models.MLP(hidden=(width,) * ex.depth, outputs=data.num_classes)
-  params = model.init(jax.random.key(args.seed), train[0][:1])["params"]
+  graphdef, params = models.mlp(
+    jax.random.key(args.seed), train[0][:1], hidden=(width,) * ex.depth, outputs=data.num_classes
+  )
   log_decay = jax.tree.map(lambda w: jnp.full_like(w, np.log(ex.init_decay)), params)
   num_hyperparams = sum(leaf.size for leaf in jax.tree.leaves(log_decay))
-  train_loss, validation_loss = example.make_losses(model)
+  train_loss, validation_loss = example.make_losses(graphdef)
   inner_args = jax.tree.map(lambda a: jnp.broadcast_to(a, (ex.inner_steps, *a.shape)), train)
 
   nystrom_ridge = args.nystrom_ridge
@@ -148,7 +150,7 @@ def main(argv=None):
   @jax.jit
   def accuracies(params):
     def accuracy(x, y):
-      return jnp.mean(jnp.argmax(model.apply({"params": params}, x), axis=-1) == y)
+      return jnp.mean(jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1) == y)
 
     return accuracy(*train), accuracy(*validation), accuracy(*test)
 

