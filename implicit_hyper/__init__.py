@@ -19,6 +19,7 @@ from implicit_hyper._src.methods.f2sa import F2SAState as F2SAState
 from implicit_hyper._src.methods.f2sa import f2sa as f2sa
 from implicit_hyper._src.methods.fsla import FSLAState as FSLAState
 from implicit_hyper._src.methods.fsla import fsla as fsla
+from implicit_hyper._src.methods.implicit import ImplicitState as ImplicitState
 from implicit_hyper._src.methods.implicit import bilevel as bilevel
 from implicit_hyper._src.methods.saba import SABAState as SABAState
 from implicit_hyper._src.methods.saba import saba as saba

@@ -118,3 +118,27 @@ def test_other_methods_take_function_fields_through_the_shared_wrapper():
   np.testing.assert_allclose(module_state.hparams.raw_decay, plain_state.hparams, rtol=1e-12)
   np.testing.assert_allclose(module_state.params.weight, plain_state.params, rtol=1e-12)
   assert not np.allclose(plain_state.hparams, -1.0)
+
+
+FACTORIES = {
+  "saba": lambda i, o: ih.saba(
+    i, o, num_inner_batches=2, num_outer_batches=2, inner_lr=0.1, outer_lr=0.1
+  ),
+  "srba": lambda i, o: ih.srba(i, o, period=4, inner_lr=0.1, outer_lr=0.1),
+  "stocbio": lambda i, o: ih.stocbio(i, o, inner_lr=0.1, outer_lr=0.1),
+  "fsla": lambda i, o: ih.fsla(i, o, inner_lr=0.1, outer_lr=0.1),
+  "f2sa": lambda i, o: ih.f2sa(i, o, inner_lr=0.1, outer_lr=0.1),
+  "bome": lambda i, o: ih.bome(i, o, inner_lr=0.1, outer_lr=0.1),
+  "sama": lambda i, o: ih.sama(i, o, optax.sgd(0.1), optax.sgd(0.1)),
+  "soba": lambda i, o: ih.soba(i, o, inner_lr=0.1, outer_lr=0.1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FACTORIES))
+def test_every_method_starts_on_a_module_with_a_function_field_and_carries_it(name):
+  loop = FACTORIES[name](*module_losses())
+  state = loop.init(Model(W0), Hparams(jnp.asarray(-1.0)))
+  assert state.hparams.positive is jax.nn.softplus and state.params.activation is jnp.tanh
+  plain = FACTORIES[name](*plain_losses()).init(W0, jnp.asarray(-1.0))
+  np.testing.assert_array_equal(state.params.weight, plain.params)
+  np.testing.assert_array_equal(state.hparams.raw_decay, plain.hparams)

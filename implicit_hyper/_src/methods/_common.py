@@ -35,8 +35,9 @@ class BilevelState(NamedTuple):
     inner_opt_state: state of the inner optimiser.
     outer_opt_state: state of the outer optimiser.
     method_state: what the method keeps between hyper steps, opaque to the loop and to
-      `ih.fit`: for `ih.bilevel` the linear solver's state (`ih.Neumann`'s cached step,
-      `ih.CG`'s warm start, SOBA's adjoint); for `ih.saba` its adjoint and tables.
+      `ih.fit`: for `ih.bilevel` an `ih.ImplicitState` (the linear solver's state:
+      `ih.Neumann`'s cached step, `ih.CG`'s warm start, SOBA's adjoint; and the
+      stationarity's reference norm); for `ih.saba` its adjoint and tables.
     step: hyper steps taken.
     num_skipped: hyper steps skipped by the divergence guard.
   """

@@ -27,7 +27,7 @@ def amigo(
 
   Each iteration runs `inner_steps` optimiser steps on the weights from where the last
   iteration left them, `adjoint_steps` gradient steps (`ih.Richardson`) on the adjoint
-  quadratic from the last adjoint (``BilevelState.method_state``), and one
+  quadratic from the last adjoint (``BilevelState.method_state.solver``), and one
   hyperparameter step:
 
   .. math::

@@ -12,6 +12,7 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src import transforms
 from implicit_hyper._src.methods import _common
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
@@ -32,6 +33,7 @@ class F2SAState(NamedTuple):
   penalty: jax.Array
 
 
+@_static.carries_static
 def f2sa(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],

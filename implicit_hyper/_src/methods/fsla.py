@@ -13,6 +13,7 @@ import optax.tree_utils as otu
 from implicit_hyper._src import operators
 from implicit_hyper._src import transforms
 from implicit_hyper._src.methods import _common
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
@@ -33,6 +34,7 @@ class FSLAState(NamedTuple):
   previous_hparams: PyTree
 
 
+@_static.carries_static
 def fsla(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],

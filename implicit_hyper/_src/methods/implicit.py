@@ -86,12 +86,13 @@ def bilevel(
   the step, relative to the one at the weights of the first hyper step (`init`'s `params`),
   on that step's last batch (1 when that is zero). The denominator is computed once and
   kept in `method_state` (`ImplicitState`); the numerator is the metric's only cost, one
-  gradient per step at most (XLA shares part of it with the mixed product). It should fall as training proceeds; a
-  value that stays of order one says the weights are not near a training minimum (too
-  few or too small inner steps, or an inner optimiser whose fixed point is another one).
+  gradient per step at most (XLA shares part of it with the mixed product). It should
+  fall as training proceeds; a value that stays of order one says the weights are not
+  near a training minimum (too few or too small inner steps, or an inner optimiser whose
+  fixed point is another one).
 
   The solver's state (`ih.Neumann`'s cached ``1 / lambda_max``, renewed every
-  `refresh_every` solves; `ih.CG`'s warm start) is `BilevelState.method_state`, carried
+  `refresh_every` solves; `ih.CG`'s warm start) is ``BilevelState.method_state.solver``, carried
   without the loop knowing what it holds. A skipped hyper step resets it to
   ``solver.init(params)``: with minibatches, or while the curvature grows early in
   training, a cached Neumann step can exceed ``2 / lambda_max`` of a later Hessian, and

@@ -13,6 +13,7 @@ import optax.tree_utils as otu
 from implicit_hyper._src import transforms
 from implicit_hyper._src.methods import _common
 from implicit_hyper._src.methods import _directions
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
@@ -38,6 +39,7 @@ class SABAState(NamedTuple):
   outer_mean: _directions.OuterOracles
 
 
+@_static.carries_static
 def saba(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],

@@ -11,6 +11,7 @@ import optax.tree_utils as otu
 
 from implicit_hyper._src import transforms
 from implicit_hyper._src.methods import _common
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
@@ -19,6 +20,7 @@ from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers._base import PyTree
 
 
+@_static.carries_static
 def sama(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],

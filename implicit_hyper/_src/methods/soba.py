@@ -33,7 +33,7 @@ def soba(
       - \nabla^2_{\lambda\theta} L_T\, u),
 
   i.e. `bilevel` with one SGD step on the weights, ``Richardson(step_size=rho, steps=1)``
-  on the adjoint (``BilevelState.method_state`` holds u) and SGD on the hyperparameters.
+  on the adjoint (``BilevelState.method_state.solver`` holds u) and SGD on the hyperparameters.
   Updates are taken in turn (weights, then adjoint and hyperparameters at the new
   weights), the alternating form of the paper's update. (The paper's ``v`` is ``-u``.)
   Cost per iteration: two gradients of the training loss (one for the step, one inside

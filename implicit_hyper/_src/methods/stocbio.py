@@ -13,6 +13,7 @@ from implicit_hyper._src import operators
 from implicit_hyper._src import transforms
 from implicit_hyper._src import unrolled
 from implicit_hyper._src.methods import _common
+from implicit_hyper._src.methods import _static
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelMetrics
 from implicit_hyper._src.methods._common import BilevelState
@@ -20,6 +21,7 @@ from implicit_hyper._src.solvers import _base
 from implicit_hyper._src.solvers._base import PyTree
 
 
+@_static.carries_static
 def stocbio(
   inner_loss: Callable[..., Any],
   outer_loss: Callable[..., Any],
