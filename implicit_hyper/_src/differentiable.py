@@ -5,6 +5,8 @@ A training state often carries leaves that no derivative reaches (a PRNG key, ty
 leaves, as `eqx.partition` does with `eqx.is_inexact_array`; the others pass through.
 """
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,11 +21,16 @@ def is_differentiable(x: object) -> bool:
   return bool(jnp.issubdtype(jnp.result_type(x), jnp.inexact))
 
 
+def partition_by(tree: PyTree, keep: Callable[[object], bool]) -> tuple[PyTree, PyTree]:
+  """``(kept, other)``: two trees like `tree`, with None where the other has a leaf."""
+  kept = jax.tree.map(lambda x: x if keep(x) else None, tree)
+  other = jax.tree.map(lambda x: None if keep(x) else x, tree)
+  return kept, other
+
+
 def partition(tree: PyTree) -> tuple[PyTree, PyTree]:
-  """``(floating, constant)``: two trees like `tree`, with None where the other has a leaf."""
-  floating = jax.tree.map(lambda x: x if is_differentiable(x) else None, tree)
-  constant = jax.tree.map(lambda x: None if is_differentiable(x) else x, tree)
-  return floating, constant
+  """``(floating, constant)``: the floating-point leaves of `tree` and the others."""
+  return partition_by(tree, is_differentiable)
 
 
 def combine(floating: PyTree, constant: PyTree) -> PyTree:

@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from implicit_hyper._src import differentiable
 from implicit_hyper._src.methods._common import Bilevel
 from implicit_hyper._src.methods._common import BilevelState
 from implicit_hyper._src.solvers._base import PyTree
@@ -33,16 +34,10 @@ def has_static(tree: PyTree) -> bool:
 
 def partition(tree: PyTree) -> tuple[PyTree, PyTree]:
   """``(arrays, static)``: two trees like `tree`, with None where the other has a leaf."""
-  arrays = jax.tree.map(lambda x: None if is_static(x) else x, tree)
-  static = jax.tree.map(lambda x: x if is_static(x) else None, tree)
-  return arrays, static
+  return differentiable.partition_by(tree, lambda x: not is_static(x))
 
 
-def combine(arrays: PyTree, static: PyTree) -> PyTree:
-  """The inverse of `partition`."""
-  return jax.tree.map(
-    lambda a, s: s if a is None else a, arrays, static, is_leaf=lambda x: x is None
-  )
+combine = differentiable.combine  # the inverse of `partition`
 
 
 def on_arrays(fn: Callable[[PyTree], PyTree]) -> Callable[[PyTree], PyTree]:
