@@ -23,7 +23,8 @@ Methods (batches of 64 everywhere, T = 10 inner steps and K = 10 products where 
                            rho_t = rho (t + 1)^(-2/5) on the weights, gamma_t = gamma
                            (t + 1)^(-3/5) on the hyperparameters (adjoint step rho)
   fsla                     `ih.fsla` (STORM-corrected hypergradient, momentum 0.5)
-  amigo, stocbio           `ih.amigo`, `ih.stocbio`
+  amigo, stocbio, ttsa     `ih.amigo`, `ih.stocbio`, `ih.ttsa` (its products counted at
+                           their mean, (K - 1) / 2 per iteration)
   amigo_decay              `ih.amigo` with the same two schedules (per hyper step)
   f2sa, bome, sama         the Hessian-free `ih.f2sa`, `ih.bome`, `ih.sama` (SGD inner)
 
@@ -112,7 +113,7 @@ class Method(NamedTuple):
   make: callable
   data: str
   steps: int
-  calls: tuple[int, int]
+  calls: tuple[float, float]
 
 
 @ih.solver_pytree()
@@ -278,6 +279,19 @@ METHODS = {
     "stacked",
     T + K + 1,
     (T + K + 1, 2),
+  ),
+  "ttsa": Method(
+    lambda p, rho, gamma: ih.ttsa(
+      p.inner_loss,
+      p.outer_loss,
+      inner_lr=rho,
+      outer_lr=gamma,
+      neumann_steps=K,
+      hparam_transform=p.hparam_transform,
+    ),
+    "stacked",
+    K + 2,
+    (2 + (K - 1) / 2, 2),  # p ~ U{0..K-1} products: (K - 1) / 2 on average
   ),
   "f2sa": Method(
     lambda p, rho, gamma: ih.f2sa(

@@ -28,6 +28,8 @@ from implicit_hyper._src.methods.soba import soba as soba
 from implicit_hyper._src.methods.srba import SRBAState as SRBAState
 from implicit_hyper._src.methods.srba import srba as srba
 from implicit_hyper._src.methods.stocbio import stocbio as stocbio
+from implicit_hyper._src.methods.ttsa import TTSAState as TTSAState
+from implicit_hyper._src.methods.ttsa import ttsa as ttsa
 from implicit_hyper._src.operators import hessian_vector_product as hessian_vector_product
 from implicit_hyper._src.operators import mixed_vjp as mixed_vjp
 from implicit_hyper._src.parallel import pmean_gradient as pmean_gradient

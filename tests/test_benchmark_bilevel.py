@@ -30,7 +30,7 @@ PROBLEMS = {
 SUBSETS = {
   "quadratic": ("cg", "cg_nystrom", "saba", "srba", "f2sa", "fsla"),
   "cleaning": ("soba", "unrolled", "bome", "sama", "amigo_decay"),
-  "logreg": ("neumann", "amigo", "stocbio", "soba_decay"),
+  "logreg": ("neumann", "amigo", "stocbio", "soba_decay", "ttsa"),
 }
 
 

@@ -161,6 +161,10 @@ RESUMED = {
     ),
     soba_batches,
   ),
+  "ttsa": (  # its state is the key of the truncations: resumed, it draws the same ones
+    lambda: ih.ttsa(inner, outer, inner_lr=0.1, outer_lr=0.05, neumann_steps=4),
+    lambda step: (tuple(jnp.broadcast_to(x, (6, *x.shape)) for x in (A, B, C)), (T,)),
+  ),
 }
 
 

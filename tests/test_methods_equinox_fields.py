@@ -131,6 +131,7 @@ FACTORIES = {
   "bome": lambda i, o: ih.bome(i, o, inner_lr=0.1, outer_lr=0.1),
   "sama": lambda i, o: ih.sama(i, o, optax.sgd(0.1), optax.sgd(0.1)),
   "soba": lambda i, o: ih.soba(i, o, inner_lr=0.1, outer_lr=0.1),
+  "ttsa": lambda i, o: ih.ttsa(i, o, inner_lr=0.1, outer_lr=0.1),
 }
 
 

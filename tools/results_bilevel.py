@@ -143,18 +143,19 @@ TARGETS = {  # the target each summary ranks by
 
 def bilevel_line() -> str:
   """The README's line on benchmarks/bilevel.py."""
-  cells = []
+  cells, methods = [], set()
   for problem, target in TARGETS.items():
     if published(problem):
       variant, results = first_variant(problem)
+      methods |= set(results)
       order, never = ranked(results, target)
       cells.append(f"{variant} {target}: {', '.join(order[:3]) or 'none'}")
   if not cells:
     return "- **Bilevel methods**: not generated yet (`python -m tools.reproduce --only bilevel`)."
   return (
     "- **Bilevel methods** (`python benchmarks/bilevel.py`, benchopt's problems rebuilt"
-    " offline, 15 methods, oracle calls counted as benchopt counts them), fastest to the"
-    " target, median over 3 seeds: "
+    f" offline, {len(methods)} methods, oracle calls counted as benchopt counts them),"
+    " fastest to the target, median over 3 seeds: "
     + "; ".join(cells)
     + ". Tables and curves: [benchmarks/README.md](benchmarks/README.md#bilevel-methods-bilevelpy)."
   )
